@@ -1,0 +1,31 @@
+# virt-relay: `make run` and `make test` are the two commands a fresh Debian 12 machine needs.
+VENV := .venv
+PY := $(VENV)/bin/python
+RUN_DIR := .run
+ONLY ?=
+PYTEST_ARGS ?=
+
+.PHONY: bootstrap run stop test lint bench clean
+
+bootstrap:
+	@./scripts/bootstrap.sh
+
+run: bootstrap
+	@$(VENV)/bin/virt-relay broker start --state-dir $(RUN_DIR)/broker
+
+stop:
+	@$(VENV)/bin/virt-relay broker stop --state-dir $(RUN_DIR)/broker
+
+# pytest exits 5 when it collects no test: that must fail, never pass silently.
+test: bootstrap
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+lint: bootstrap
+	@$(VENV)/bin/ruff check .
+
+bench: bootstrap
+	@$(PY) -m bench --only "$(ONLY)" --out bench-results.json
+
+clean:
+	rm -rf $(RUN_DIR) bench-results.json .pytest_cache

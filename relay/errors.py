@@ -1,0 +1,36 @@
+"""The project's own error tree.
+
+Adapters (libvirt, proton, pika, SQLite) convert their exceptions into these at the edge, so the
+rest of the code handles one vocabulary. Every message says what went wrong and what to do.
+"""
+
+
+class RelayError(Exception):
+    """Base of every error virt-relay raises on purpose."""
+
+
+class ConfigError(RelayError):
+    """Configuration is invalid; the message names the setting."""
+
+
+class BrokerNodeError(RelayError):
+    """A private development RabbitMQ node could not be started, stopped or reached."""
+
+
+class PortInUse(BrokerNodeError):
+    """A port the private broker needs is taken by another process."""
+
+    def __init__(self, port: int, purpose: str):
+        self.port = port
+        super().__init__(
+            f"port {port} ({purpose}) is already in use on 127.0.0.1: stop what listens there "
+            f"(ss -ltnp 'sport = :{port}') or choose another port"
+        )
+
+
+class BrokerError(RelayError):
+    """The AMQP broker refused or failed an operation."""
+
+
+class AddressUnroutable(BrokerError):
+    """A target address exists but delivers to no queue (RabbitMQ would accept and drop)."""

@@ -1,0 +1,99 @@
+"""RabbitMQ 3.x topology administration over AMQP 0-9-1 (pika).
+
+RabbitMQ 3.10's AMQP 1.0 plugin cannot declare exchanges or bindings, and it accepts and silently
+drops a message sent to an address that routes nowhere. So declaring the topology and proving that
+an address routes to a queue happen here, over AMQP 0-9-1, and pika's exceptions are converted into
+the project's error tree at this edge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from urllib.parse import unquote, urlsplit
+
+import pika
+import pika.exceptions
+
+from relay.errors import AddressUnroutable, BrokerError
+
+PROBE_HEADER = "virtrelay-probe"
+
+
+def parse_address(address: str) -> tuple[str, str]:
+    """Map a RabbitMQ 3.x AMQP 1.0 target address to (exchange, routing key)."""
+    parts = address.split("/")
+    if address.startswith("/queue/") and len(parts) == 3 and parts[2]:
+        return "", parts[2]
+    if address.startswith("/amq/queue/") and len(parts) == 4 and parts[3]:
+        return "", parts[3]
+    if address.startswith("/exchange/") and len(parts) in (3, 4) and parts[2]:
+        return parts[2], parts[3] if len(parts) == 4 else ""
+    if address.startswith("/topic/") and len(parts) == 3:
+        return "amq.topic", parts[2]
+    raise BrokerError(
+        f"unsupported address {address!r}: use /queue/NAME, /amq/queue/NAME, "
+        "/exchange/NAME[/KEY] or /topic/KEY (RabbitMQ 3.x AMQP 1.0 address format)")
+
+
+def connection_parameters(url: str) -> pika.ConnectionParameters:
+    """pika parameters for an ``amqp://[user:pass@]host:port[/vhost]`` URL (guest by default)."""
+    parts = urlsplit(url)
+    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    credentials = pika.PlainCredentials(unquote(parts.username or "guest"),
+                                        unquote(parts.password or "guest"))
+    return pika.ConnectionParameters(
+        host=parts.hostname or "127.0.0.1", port=parts.port or 5672, virtual_host=vhost,
+        credentials=credentials, connection_attempts=1, socket_timeout=5,
+        blocked_connection_timeout=10)
+
+
+class RabbitAdmin:
+    """One AMQP 0-9-1 connection used to declare and verify topology."""
+
+    def __init__(self, url: str):
+        self.url = url
+        try:
+            self._connection = pika.BlockingConnection(connection_parameters(url))
+        except pika.exceptions.AMQPError as exc:
+            raise BrokerError(f"cannot reach RabbitMQ at {url} over AMQP 0-9-1: {exc!r}") from exc
+
+    def close(self) -> None:
+        """Close the admin connection."""
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            self._connection.close()
+
+    def __enter__(self) -> RabbitAdmin:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def check_route(self, address: str) -> None:
+        """Raise ``AddressUnroutable`` unless a message sent to ``address`` reaches a queue.
+
+        Publishes a mandatory probe with publisher confirms and a zero TTL: the broker returns it
+        when no queue matches, and otherwise drops it at once unless a consumer is waiting.
+        Consumers recognise it by the ``virtrelay-probe`` application property and discard it.
+        """
+        exchange, key = parse_address(address)
+        channel = self._connection.channel()
+        try:
+            channel.confirm_delivery()
+            channel.basic_publish(
+                exchange, key, b"",
+                pika.BasicProperties(expiration="0", headers={PROBE_HEADER: True}),
+                mandatory=True)
+        except pika.exceptions.UnroutableError as exc:
+            raise AddressUnroutable(
+                f"address {address} routes to no queue (exchange {exchange or '(default)'!r}, "
+                f"key {key!r}): RabbitMQ would accept and drop every message; run "
+                "`virt-relay broker setup` or bind a queue to it") from exc
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            raise AddressUnroutable(
+                f"address {address} is refused by the broker ({exc.reply_code} {exc.reply_text}); "
+                "run `virt-relay broker setup` to declare the topology") from exc
+        except pika.exceptions.AMQPError as exc:
+            raise BrokerError(f"route check of {address} failed: {exc!r}") from exc
+        finally:
+            if channel.is_open:
+                channel.close()
