@@ -10,6 +10,8 @@ import argparse
 import json
 import os
 import sys
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 from relay import __version__
@@ -30,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"virt-relay {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_broker_commands(commands)
+    _add_journal_commands(commands)
     return parser
 
 
@@ -74,6 +77,62 @@ def _broker(args) -> int:
         "running, not accepting AMQP yet" if status["running"] else "not running")
     _print(args, status, f"{node.nodename}: {state} ({node.url}); log {node.log_file}")
     return 0 if status["running"] else EXIT_NOT_RUNNING
+
+
+def _add_journal_commands(commands) -> None:
+    journal = commands.add_parser(
+        "journal", help="inspect a journal file (read-only, safe beside a running agent)")
+    actions = journal.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, help_text in (
+            ("stats", "backlog entries and bytes, oldest undelivered age, epoch, counters"),
+            ("verify", "full SQLite integrity check (exit 1 when corrupt)"),
+            ("dump", "every outbox entry as JSON lines"),
+            ("tail", "the last outbox entries as JSON lines (--follow for new ones)")):
+        action = actions.add_parser(name, help=help_text)
+        action.add_argument("path", type=Path, help="journal file")
+        if name == "stats":
+            action.add_argument("--json", action="store_true", help="print JSON")
+        if name == "dump":
+            action.add_argument("--after", type=int, default=0, help="only seqs above this")
+        if name == "tail":
+            action.add_argument("-n", type=int, default=10, help="how many (default 10)")
+            action.add_argument("--follow", action="store_true", help="keep printing new ones")
+        action.set_defaults(handler=_journal)
+
+
+def _journal(args) -> int:
+    from journal import Journal
+
+    with Journal(args.path, readonly=True) as journal:
+        if args.action == "stats":
+            stats = journal.stats()
+            _print(args, asdict(stats), "\n".join(
+                f"{name:24} {value}" for name, value in asdict(stats).items()))
+        elif args.action == "verify":
+            problems = journal.integrity_check()
+            if problems:
+                print("\n".join(problems))
+                print(f"{args.path}: CORRUPT ({len(problems)} problems); the agent quarantines "
+                      "it at its next start", file=sys.stderr)
+                return EXIT_ERROR
+            print(f"{args.path}: ok (host {journal.host_id}, epoch {journal.epoch})")
+        elif args.action == "dump":
+            for record in journal.entries(after_seq=args.after):
+                print(json.dumps(record), flush=False)
+        else:
+            _tail(journal, args.n, args.follow)
+    return 0
+
+
+def _tail(journal, count: int, follow: bool) -> None:
+    last = max(0, journal.last_seq - count)
+    while True:
+        for record in journal.entries(after_seq=last):
+            print(json.dumps(record), flush=True)
+            last = record["seq"]
+        if not follow:
+            return
+        time.sleep(0.5)
 
 
 def _print(args, data: dict, text: str) -> None:

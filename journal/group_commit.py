@@ -1,0 +1,226 @@
+"""Group commit: many writers, one SQLite transaction, nobody told "done" before it is durable.
+
+Every write is a *request*: a function run inside the shared transaction. Requests queue up; one
+thread at a time is the *leader*: it takes everything queued, runs each request in its own
+savepoint (a request that raises fails alone), commits once, then resolves every handle. A caller
+of ``run`` becomes the leader itself when no commit is in progress, so a lone write commits at
+once without a thread hand-off; ``submit`` never blocks: a background flusher thread leads for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from journal.errors import JournalClosed, translate_sqlite_error
+
+Request = Callable[[sqlite3.Connection], Any]
+
+
+class Handle:
+    """The promise of one request: ``wait()`` returns its result once it is durable.
+
+    Handles are cheap (no lock or event of their own): waiters sleep on their committer's
+    condition, which is notified once per commit.
+    """
+
+    __slots__ = ("_committer", "_done", "_result", "_error", "_callbacks")
+
+    def __init__(self, committer: GroupCommitter):
+        self._committer = committer
+        self._done = False
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Handle], None]] | None = None
+
+    def done(self) -> bool:
+        """True once the request is committed or has failed."""
+        return self._done
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Block until durable; return the request's result or raise its error."""
+        if not self._done and not self._committer._wait_for(self, timeout):
+            raise TimeoutError("journal write not durable yet")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def add_done_callback(self, callback: Callable[[Handle], None]) -> None:
+        """Call ``callback(handle)`` once done (at once if already done, else on the leader)."""
+        with self._committer._lock:
+            if not self._done:
+                self._callbacks = [*(self._callbacks or ()), callback]
+                return
+        callback(self)
+
+    def exception(self) -> BaseException | None:
+        """The request's error, or None (only meaningful once done)."""
+        return self._error
+
+
+class GroupCommitter:
+    """Coalesces concurrent write requests on one connection into shared transactions.
+
+    ``on_batch(size, seconds)`` is called after each successful commit; ``on_failure(conn)``
+    after a request or a whole commit failed, so the owner can reload in-memory state that the
+    rollback made stale.
+    """
+
+    def __init__(self, connection: sqlite3.Connection,
+                 on_batch: Callable[[int, float], None] | None = None,
+                 on_failure: Callable[[sqlite3.Connection], None] | None = None):
+        self._conn = connection
+        self._on_batch = on_batch
+        self._on_failure = on_failure
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # run() callers waiting for leadership
+        self._work = threading.Condition(self._lock)  # the flusher waiting for work
+        self._durable = threading.Condition(self._lock)  # handle waiters, notified per commit
+        self._queue: list[tuple[Request, Handle]] = []
+        self._leading = False
+        self._closed = False
+        self._flusher = threading.Thread(target=self._flush_forever, name="journal-flusher",
+                                         daemon=True)
+        self._flusher.start()
+
+    def submit(self, request: Request) -> Handle:
+        """Queue ``request`` and return at once; the flusher thread commits it."""
+        handle = Handle(self)
+        with self._cond:
+            if self._closed:
+                raise JournalClosed("the journal is closed")
+            self._queue.append((request, handle))
+            if not self._leading:
+                self._work.notify()
+        return handle
+
+    def run(self, request: Request) -> Any:
+        """Run ``request`` durably and return its result, leading a commit if nobody is."""
+        handle = Handle(self)
+        with self._cond:
+            if self._closed:
+                raise JournalClosed("the journal is closed")
+            self._queue.append((request, handle))
+        while not handle.done():
+            with self._cond:
+                while self._leading and not handle.done():
+                    self._cond.wait()
+                if handle.done():
+                    break
+                batch = self._take_leadership()
+            self._commit(batch)
+        return handle.wait()
+
+    def close(self) -> None:
+        """Commit what is queued, then stop the flusher thread."""
+        with self._cond:
+            self._closed = True
+            self._work.notify()
+        self._flusher.join()
+
+    def _take_leadership(self) -> list[tuple[Request, Handle]]:
+        # caller holds self._cond
+        self._leading = True
+        batch, self._queue = self._queue, []
+        return batch
+
+    def _flush_forever(self) -> None:
+        while True:
+            with self._cond:
+                while (self._leading or not self._queue) and not (self._closed and not self._queue
+                                                                   and not self._leading):
+                    self._work.wait()
+                if self._closed and not self._queue:
+                    return
+                batch = self._take_leadership()
+            self._commit(batch)
+
+    def _commit(self, batch: list[tuple[Request, Handle]]) -> None:
+        started = time.perf_counter()
+        try:
+            try:
+                results = self._run_batch(batch, isolate=False)
+            except _RequestFailed:
+                # Fast path failed: redo the batch with one savepoint per request.
+                self._rollback()
+                results = self._run_batch(batch, isolate=True)
+        except sqlite3.Error as exc:
+            error = translate_sqlite_error(exc)
+            self._rollback()
+            results = [(handle, None, error) for _, handle in batch]
+        else:
+            if self._on_batch and batch:
+                self._on_batch(len(batch), time.perf_counter() - started)
+        finally:
+            with self._cond:
+                self._leading = False
+                self._cond.notify_all()
+                if self._queue or self._closed:
+                    self._work.notify()
+        self._resolve(results)
+
+    def _resolve(self, results: list[tuple[Handle, Any, BaseException | None]]) -> None:
+        callbacks = []
+        with self._lock:
+            for handle, result, error in results:
+                handle._result, handle._error, handle._done = result, error, True
+                if handle._callbacks:
+                    callbacks.extend((callback, handle) for callback in handle._callbacks)
+                    handle._callbacks = None
+            self._durable.notify_all()
+        for callback, handle in callbacks:
+            callback(handle)
+
+    def _wait_for(self, handle: Handle, timeout: float | None) -> bool:
+        with self._lock:
+            return self._durable.wait_for(lambda: handle._done, timeout)
+
+    def _run_batch(self, batch: list[tuple[Request, Handle]], isolate: bool) -> list[tuple]:
+        """Run every request in one transaction and commit it.
+
+        Without ``isolate`` a failing request aborts the attempt (``_RequestFailed``); with it,
+        each request runs in a savepoint, so one that raises fails alone.
+        """
+        results: list[tuple[Handle, Any, BaseException | None]] = []
+        if not batch:
+            return results
+        self._conn.execute("BEGIN IMMEDIATE")
+        for index, (request, handle) in enumerate(batch):
+            if not isolate:
+                try:
+                    results.append((handle, request(self._conn), None))
+                except Exception as exc:
+                    raise _RequestFailed from exc
+                continue
+            self._conn.execute(f"SAVEPOINT r{index}")
+            try:
+                result = request(self._conn)
+            except Exception as exc:
+                self._conn.execute(f"ROLLBACK TO r{index}")
+                results.append((handle, None, _journal_error(exc)))
+                if self._on_failure:
+                    self._on_failure(self._conn)
+            else:
+                results.append((handle, result, None))
+            self._conn.execute(f"RELEASE r{index}")
+        self._conn.execute("COMMIT")
+        return results
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+        if self._on_failure:
+            self._on_failure(self._conn)
+
+
+class _RequestFailed(Exception):
+    """A request raised on the fast path; the batch is redone with savepoints."""
+
+
+def _journal_error(exc: Exception) -> Exception:
+    return translate_sqlite_error(exc) if isinstance(exc, sqlite3.Error) else exc
