@@ -156,7 +156,10 @@ class Journal:
             self.open_report = self._open_readonly()
             self._committer = _ReadOnly(self.path)
         else:
-            self.open_report = self._open(host_id, check_at_open)
+            try:
+                self.open_report = self._open(host_id, check_at_open)
+            except sqlite3.Error as exc:
+                raise translate_sqlite_error(exc) from exc
             self._committer = GroupCommitter(self._conn, on_batch=self._observe_batch,
                                              on_failure=self._load_counters)
 
@@ -666,10 +669,11 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
 
 
 _ENTRY_COLUMNS = ("seq, key, address, subject, properties, body, created_at, attempts, "
@@ -681,7 +685,7 @@ _STATE_NAMES = {PENDING: "pending", DELIVERED: "delivered", REJECTED: "rejected"
 def _entry_from_row(row: tuple) -> OutboxEntry:
     (seq, key, address, subject, properties, body, created_at, attempts, object_class, object_id,
      coalesce_key, replaces) = row
-    return OutboxEntry(seq, key, address, subject or "", json.loads(properties), bytes(body),
+    return OutboxEntry(seq, key, address, subject or "", json.loads(properties), bytes(body or b""),
                        created_at, attempts,
                        (object_class, object_id) if object_class is not None else None,
                        coalesce_key, replaces)

@@ -96,8 +96,14 @@ class _InTransaction:
         return False
 
 
-def migrate(conn: sqlite3.Connection, path: str) -> bool:
-    """Bring the file to ``SCHEMA_VERSION`` in one transaction; True when it was empty."""
+def migrate(conn: sqlite3.Connection, path: str) -> None:
+    """Bring the file to ``SCHEMA_VERSION`` in one transaction.
+
+    A file already at ``SCHEMA_VERSION`` is only read, so opening works on a full disk.
+    """
+    found = schema_version(conn)
+    if found == SCHEMA_VERSION:
+        return
     conn.execute("BEGIN IMMEDIATE")
     try:
         found = schema_version(conn)
@@ -109,9 +115,9 @@ def migrate(conn: sqlite3.Connection, path: str) -> bool:
         for migration in MIGRATIONS[found:]:
             migration(db)
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
-                      (str(SCHEMA_VERSION),))
+                     (str(SCHEMA_VERSION),))
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
-    return found == 0

@@ -1,0 +1,115 @@
+"""Property tests: random sequences of journal operations against a plain in-memory model."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from journal import GAP_SUBJECT, Entry, Journal
+
+MAX_ENTRIES = 12
+ADDRESS = "/q/events"
+
+entries_strategy = st.lists(
+    st.tuples(st.text(alphabet="abc", min_size=1, max_size=8),
+              st.one_of(st.none(), st.sampled_from(["stats:a", "stats:b"]))),
+    min_size=1, max_size=5)
+
+
+class JournalModel(RuleBasedStateMachine):
+    """The model: an ordered dict of undelivered seq -> (body, coalesce key), plus the replaced
+    (coalesced) seqs and what replaced them."""
+
+    def __init__(self):
+        super().__init__()
+        self.dir = tempfile.TemporaryDirectory()
+        self.path = Path(self.dir.name, "j.db")
+        self.journal = self._open("model-host")
+        self.pending: dict[int, tuple[str, str | None]] = {}
+        self.replaced_by: dict[int, int] = {}
+        self.last_seq = 0
+        self.dropped = 0
+
+    def _open(self, host: str | None = None) -> Journal:
+        return Journal(self.path, host, max_entries=MAX_ENTRIES, policy="drop-oldest",
+                       retention_seconds=0)
+
+    def teardown(self):
+        self.journal.close()
+        self.dir.cleanup()
+
+    @rule(batch=entries_strategy)
+    def append(self, batch):
+        seqs = self.journal.append(
+            [Entry(address=ADDRESS, body=body.encode(), coalesce_key=key) for body, key in batch])
+        assert seqs == sorted(seqs) and seqs[0] > self.last_seq
+        rows = {e.seq: e for e in self.journal.pending()}
+        for marker_seq in range(self.last_seq + 1, seqs[0]):  # seqs taken by gap markers
+            marker = json.loads(rows[marker_seq].body)
+            assert rows[marker_seq].subject == GAP_SUBJECT
+            dropped = [s for s in self.pending if marker["first_seq"] <= s <= marker["last_seq"]]
+            assert len(dropped) == marker["count"]
+            assert all(s >= marker["first_seq"] for s in self.pending), "dropped not oldest"
+            for seq in dropped:
+                del self.pending[seq]
+            self.dropped += len(dropped)
+            self.pending[marker_seq] = (rows[marker_seq].body.decode(), None)
+        for seq, (body, key) in zip(seqs, batch, strict=True):
+            old = next((s for s, (_, k) in self.pending.items() if key and k == key), None)
+            assert self.journal.get(seq).replaces == old
+            if old is not None:
+                del self.pending[old]
+                for earlier, newer in self.replaced_by.items():
+                    if newer == old:
+                        self.replaced_by[earlier] = seq
+                self.replaced_by[old] = seq
+            self.pending[seq] = (body, key)
+        self.last_seq = seqs[-1]
+
+    @precondition(lambda self: self.pending)
+    @rule(data=st.data())
+    def deliver(self, data):
+        chosen = data.draw(st.lists(st.sampled_from(sorted(self.pending)), unique=True))
+        assert self.journal.mark_delivered(chosen) == len(chosen)
+        for seq in chosen:
+            del self.pending[seq]
+
+    @rule()
+    def prune(self):
+        self.journal.prune(now=self.journal.epoch_started_at + 10**6)
+
+    @rule()
+    def reopen(self):
+        self.journal.close()
+        self.journal = self._open()
+
+    @invariant()
+    def pending_matches_the_model(self):
+        got = [(e.seq, e.body.decode()) for e in self.journal.pending()]
+        assert got == [(seq, body) for seq, (body, _) in sorted(self.pending.items())]
+        assert len(got) <= MAX_ENTRIES
+        assert self.journal.backlog[0] == len(got)
+        assert self.journal.last_seq == self.last_seq
+        assert self.journal.stats().dropped_total == self.dropped
+
+    @invariant()
+    def settled_below_is_honest(self):
+        unsettled = set(self.pending) | {old for old, new in self.replaced_by.items()
+                                         if new in self.pending}
+        expected = min(unsettled) if unsettled else self.last_seq + 1
+        assert self.journal.settled_below() == expected
+
+    @invariant()
+    def one_pending_entry_per_coalesce_key(self):
+        keys = [key for _, key in self.pending.values() if key]
+        assert len(keys) == len(set(keys))
+
+
+TestJournalModel = JournalModel.TestCase
+TestJournalModel.settings = settings(max_examples=60, stateful_step_count=25, deadline=None,
+                                     suppress_health_check=[HealthCheck.too_slow])
