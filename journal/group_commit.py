@@ -65,17 +65,18 @@ class Handle:
 class GroupCommitter:
     """Coalesces concurrent write requests on one connection into shared transactions.
 
-    ``on_batch(size, seconds)`` is called after each successful commit; ``on_failure(conn)``
-    after a request or a whole commit failed, so the owner can reload in-memory state that the
-    rollback made stale.
+    ``on_batch(size, seconds)`` is called after each successful commit. Requests may change
+    their owner's in-memory state; ``snapshot()`` captures it and ``restore(token)`` puts it
+    back whenever the database work it mirrored is rolled back.
     """
 
     def __init__(self, connection: sqlite3.Connection,
-                 on_batch: Callable[[int, float], None] | None = None,
-                 on_failure: Callable[[sqlite3.Connection], None] | None = None):
+                 snapshot: Callable[[], Any], restore: Callable[[Any], None],
+                 on_batch: Callable[[int, float], None] | None = None):
         self._conn = connection
+        self._snapshot = snapshot
+        self._restore = restore
         self._on_batch = on_batch
-        self._on_failure = on_failure
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # run() callers waiting for leadership
         self._work = threading.Condition(self._lock)  # the flusher waiting for work
@@ -141,16 +142,17 @@ class GroupCommitter:
 
     def _commit(self, batch: list[tuple[Request, Handle]]) -> None:
         started = time.perf_counter()
+        before = self._snapshot()
         try:
             try:
                 results = self._run_batch(batch, isolate=False)
             except _RequestFailed:
                 # Fast path failed: redo the batch with one savepoint per request.
-                self._rollback()
+                self._rollback(before)
                 results = self._run_batch(batch, isolate=True)
         except sqlite3.Error as exc:
             error = translate_sqlite_error(exc)
-            self._rollback()
+            self._rollback(before)
             results = [(handle, None, error) for _, handle in batch]
         else:
             if self._on_batch and batch:
@@ -197,25 +199,24 @@ class GroupCommitter:
                     raise _RequestFailed from exc
                 continue
             self._conn.execute(f"SAVEPOINT r{index}")
+            before = self._snapshot()
             try:
                 result = request(self._conn)
             except Exception as exc:
                 self._conn.execute(f"ROLLBACK TO r{index}")
+                self._restore(before)
                 results.append((handle, None, _journal_error(exc)))
-                if self._on_failure:
-                    self._on_failure(self._conn)
             else:
                 results.append((handle, result, None))
             self._conn.execute(f"RELEASE r{index}")
         self._conn.execute("COMMIT")
         return results
 
-    def _rollback(self) -> None:
+    def _rollback(self, before: Any) -> None:
         if self._conn.in_transaction:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("ROLLBACK")
-        if self._on_failure:
-            self._on_failure(self._conn)
+        self._restore(before)
 
 
 class _RequestFailed(Exception):

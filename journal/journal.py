@@ -89,6 +89,7 @@ class OutboxEntry:
     object_key: tuple[str, str] | None
     coalesce_key: str | None
     replaces: int | None
+    stream_seq: int
 
 
 @dataclass(frozen=True)
@@ -160,8 +161,8 @@ class Journal:
                 self.open_report = self._open(host_id, check_at_open)
             except sqlite3.Error as exc:
                 raise translate_sqlite_error(exc) from exc
-            self._committer = GroupCommitter(self._conn, on_batch=self._observe_batch,
-                                             on_failure=self._load_counters)
+            self._committer = GroupCommitter(self._conn, self._snapshot, self._restore,
+                                             on_batch=self._observe_batch)
 
     # -- opening ------------------------------------------------------------------------------
     def _open(self, host_id: str | None, check: bool) -> OpenReport:
@@ -257,14 +258,29 @@ class Journal:
         count, size = conn.execute(
             "SELECT count(*), coalesce(sum(size), 0) FROM outbox WHERE state = 0").fetchone()
         self._pending_count, self._pending_bytes = count, size
+        streams = dict(conn.execute("SELECT address, last_stream_seq FROM streams").fetchall())
+        for address, last in conn.execute(
+                "SELECT address, max(stream_seq) FROM outbox GROUP BY address").fetchall():
+            streams[address] = max(last, streams.get(address, 0))
+        self._stream_seqs = streams
+
+    def _snapshot(self) -> tuple:
+        return (self._last_seq, self._pending_count, self._pending_bytes,
+                dict(self._stream_seqs))
+
+    def _restore(self, snapshot: tuple) -> None:
+        (self._last_seq, self._pending_count, self._pending_bytes,
+         self._stream_seqs) = snapshot
 
     @staticmethod
     def _meta(conn: sqlite3.Connection, key: str) -> str:
         return conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
 
     def _remember_last_seq(self, conn: sqlite3.Connection) -> None:
-        """Record the highest seq before deleting rows, so seqs are never reused."""
+        """Record the highest seqs before deleting rows, so seqs are never reused."""
         conn.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (str(self._last_seq),))
+        conn.executemany("INSERT OR REPLACE INTO streams VALUES (?, ?)",
+                         self._stream_seqs.items())
 
     @staticmethod
     def _bump_meta(conn: sqlite3.Connection, key: str, by: int) -> None:
@@ -321,9 +337,13 @@ class Journal:
     def _make_room(self, conn: sqlite3.Connection, entries: list[Entry]) -> None:
         if self.max_entries is None and self.max_bytes is None:
             return
-        coalescing = sum(1 for e in entries if e.coalesce_key and self._coalesce_target(conn, e))
-        extra_count = len(entries) - coalescing
-        extra_bytes = sum(e.size for e in entries)
+        last_by_key = {e.coalesce_key: e for e in entries if e.coalesce_key}
+        targets = {key: self._coalesce_target(conn, key) for key in last_by_key}
+        replaced = [seq for seq in targets.values() if seq is not None]
+        extra_count = sum(1 for e in entries if not e.coalesce_key) + len(last_by_key) - len(
+            replaced)
+        extra_bytes = sum(e.size for e in entries if not e.coalesce_key) + sum(
+            e.size for e in last_by_key.values()) - self._sizes(conn, replaced)
         over_count = (self.max_entries is not None
                       and self._pending_count + extra_count > self.max_entries)
         over_bytes = (self.max_bytes is not None
@@ -335,27 +355,39 @@ class Journal:
         if self.policy == "block":
             raise Backpressure(f"journal backlog is full ({bound}): the broker link must drain "
                                "it first; retry later or raise the limits")
-        self._drop_oldest(conn, entries, extra_count, extra_bytes, bound)
+        self._drop_oldest(conn, extra_count, extra_bytes, set(replaced), bound)
 
-    def _drop_oldest(self, conn: sqlite3.Connection, entries: list[Entry], extra_count: int,
-                     extra_bytes: int, bound: str) -> None:
+    @staticmethod
+    def _sizes(conn: sqlite3.Connection, seqs: list[int]) -> int:
+        if not seqs:
+            return 0
+        return conn.execute(f"SELECT coalesce(sum(size), 0) FROM outbox WHERE seq IN "
+                            f"({','.join('?' * len(seqs))})", seqs).fetchone()[0]
+
+    def _drop_oldest(self, conn: sqlite3.Connection, extra_count: int, extra_bytes: int,
+                     keep: set[int], bound: str) -> None:
+        """Delete the oldest undelivered entries (except ``keep``, about to be replaced anyway)
+        until the batch fits with its gap marker; append one gap marker per address."""
         need_count = (self._pending_count + extra_count + 1 - self.max_entries
                       if self.max_entries is not None else 0)
         need_bytes = (self._pending_bytes + extra_bytes + 256 - self.max_bytes
                       if self.max_bytes is not None else 0)
-        dropped: dict[str, list[int]] = {}
+        dropped: dict[str, list[tuple[int, int]]] = {}
         freed_count = freed_bytes = 0
-        rows = conn.execute("SELECT seq, size, address FROM outbox WHERE state = 0 ORDER BY seq")
-        for seq, size, address in rows:
+        rows = conn.execute(
+            "SELECT seq, size, address, stream_seq FROM outbox WHERE state = 0 ORDER BY seq")
+        for seq, size, address, stream_seq in rows:
             if freed_count >= need_count and freed_bytes >= need_bytes:
                 break
-            dropped.setdefault(address, []).append(seq)
+            if seq in keep:
+                continue
+            dropped.setdefault(address, []).append((seq, stream_seq))
             freed_count += 1
             freed_bytes += size
         if freed_count < need_count or freed_bytes < need_bytes:
             raise Backpressure(f"entries of {extra_bytes} bytes cannot fit even in an empty "
                                f"backlog ({bound})")
-        all_seqs = [seq for seqs in dropped.values() for seq in seqs]
+        all_seqs = [seq for pairs in dropped.values() for seq, _ in pairs]
         self._remember_last_seq(conn)
         for chunk in _chunks(all_seqs):
             marks = ",".join("?" * len(chunk))
@@ -367,21 +399,22 @@ class Journal:
         log.warning("journal backlog full (%s): dropped %d oldest undelivered entries "
                     "(seq %d..%d) under policy drop-oldest", bound, freed_count,
                     min(all_seqs), max(all_seqs))
-        for address, seqs in dropped.items():
-            marker = {"first_seq": seqs[0], "last_seq": seqs[-1], "count": len(seqs),
-                      "reason": "drop-oldest"}
+        for address, pairs in dropped.items():
+            marker = {"first_seq": pairs[0][0], "last_seq": pairs[-1][0],
+                      "first_stream_seq": pairs[0][1], "last_stream_seq": pairs[-1][1],
+                      "count": len(pairs), "reason": "drop-oldest"}
             self._insert(conn, Entry(address=address, subject=GAP_SUBJECT,
                                      properties={"kind": GAP_SUBJECT},
                                      body=json.dumps(marker).encode()))
 
-    def _coalesce_target(self, conn: sqlite3.Connection, entry: Entry) -> int | None:
+    def _coalesce_target(self, conn: sqlite3.Connection, coalesce_key: str) -> int | None:
         row = conn.execute("SELECT seq FROM outbox WHERE state = 0 AND coalesce_key = ?",
-                           (entry.coalesce_key,)).fetchone()
+                           (coalesce_key,)).fetchone()
         return row[0] if row else None
 
     def _insert(self, conn: sqlite3.Connection, entry: Entry) -> int:
         seq = self._last_seq + 1
-        replaces = self._coalesce_target(conn, entry) if entry.coalesce_key else None
+        replaces = self._coalesce_target(conn, entry.coalesce_key) if entry.coalesce_key else None
         if replaces is not None:
             old_size = conn.execute("SELECT size FROM outbox WHERE seq = ?",
                                     (replaces,)).fetchone()[0]
@@ -392,13 +425,15 @@ class Journal:
             self._pending_bytes -= old_size
             self._bump_meta(conn, "coalesced_total", 1)
         object_class, object_id = entry.object_key or (None, None)
+        stream_seq = self._stream_seqs.get(entry.address, 0) + 1
         conn.execute(
             "INSERT INTO outbox (seq, key, address, subject, properties, body, size, created_at, "
-            "state, object_class, object_id, coalesce_key, replaces) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
+            "state, object_class, object_id, coalesce_key, replaces, stream_seq) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)",
             (seq, self.key_for(seq), entry.address, entry.subject, entry.encoded_properties,
              entry.body, entry.size, entry.created_at, object_class, object_id,
-             entry.coalesce_key, replaces))
+             entry.coalesce_key, replaces, stream_seq))
+        self._stream_seqs[entry.address] = stream_seq
         self._last_seq = seq
         self._pending_count += 1
         self._pending_bytes += entry.size
@@ -486,12 +521,15 @@ class Journal:
 
         self._committer.run(request)
 
-    def settled_below(self) -> int:
-        """Every entry with a smaller seq is settled, or was replaced by a settled entry."""
+    def settled_below(self, address: str) -> int:
+        """The stream seq below which every entry to ``address`` is settled (or was replaced
+        by a settled entry). Consumers of that address treat a missing stream seq below it
+        as lost unless a gap marker covers it."""
         row = self._reader().execute(
-            "SELECT min(seq) FROM outbox WHERE state = 0 OR (state = ? AND superseded_by IN "
-            "(SELECT seq FROM outbox WHERE state = 0))", (COALESCED,)).fetchone()
-        return row[0] if row[0] is not None else self._last_seq + 1
+            "SELECT min(stream_seq) FROM outbox WHERE address = ? AND (state = 0 OR (state = ? "
+            "AND superseded_by IN (SELECT seq FROM outbox WHERE state = 0)))",
+            (address, COALESCED)).fetchone()
+        return row[0] if row[0] is not None else self._stream_seqs.get(address, 0) + 1
 
     def prune(self, now: float | None = None) -> int:
         """Delete delivered entries and finished commands older than their retention."""
@@ -640,7 +678,7 @@ class Journal:
             rows = conn.execute(
                 "SELECT seq, key, address, subject, properties, body, created_at, attempts, "
                 "state, settled_at, reason, object_class, object_id, coalesce_key, replaces, "
-                "superseded_by FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+                "superseded_by, stream_seq FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
                 (after_seq, _PAGE)).fetchall()
             for row in rows:
                 yield _row_dict(row)
@@ -677,24 +715,24 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 _ENTRY_COLUMNS = ("seq, key, address, subject, properties, body, created_at, attempts, "
-                  "object_class, object_id, coalesce_key, replaces")
+                  "object_class, object_id, coalesce_key, replaces, stream_seq")
 _STATE_NAMES = {PENDING: "pending", DELIVERED: "delivered", REJECTED: "rejected",
                 COALESCED: "coalesced"}
 
 
 def _entry_from_row(row: tuple) -> OutboxEntry:
     (seq, key, address, subject, properties, body, created_at, attempts, object_class, object_id,
-     coalesce_key, replaces) = row
+     coalesce_key, replaces, stream_seq) = row
     return OutboxEntry(seq, key, address, subject or "", json.loads(properties), bytes(body or b""),
                        created_at, attempts,
                        (object_class, object_id) if object_class is not None else None,
-                       coalesce_key, replaces)
+                       coalesce_key, replaces, stream_seq)
 
 
 def _row_dict(row: tuple) -> dict[str, Any]:
     names = ("seq", "key", "address", "subject", "properties", "body", "created_at", "attempts",
              "state", "settled_at", "reason", "object_class", "object_id", "coalesce_key",
-             "replaces", "superseded_by")
+             "replaces", "superseded_by", "stream_seq")
     record = dict(zip(names, row, strict=True))
     record["properties"] = json.loads(record["properties"])
     body = record["body"]

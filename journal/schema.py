@@ -35,7 +35,7 @@ def _v1(db: sqlite_utils.Database) -> None:
             "seq": int, "key": str, "address": str, "subject": str, "properties": str,
             "body": bytes, "size": int, "created_at": float, "attempts": int, "state": int,
             "settled_at": float, "reason": str, "object_class": str, "object_id": str,
-            "coalesce_key": str, "replaces": int, "superseded_by": int,
+            "coalesce_key": str, "replaces": int, "superseded_by": int, "stream_seq": int,
         },
         pk="seq", not_null={"key", "address", "state", "size", "created_at", "attempts"},
         defaults={"attempts": 0, "state": PENDING},
@@ -46,8 +46,11 @@ def _v1(db: sqlite_utils.Database) -> None:
                "WHERE state = 0 AND coalesce_key IS NOT NULL")
     db.execute("CREATE INDEX outbox_object_pending ON outbox(object_class, object_id, seq) "
                "WHERE state = 0 AND object_class IS NOT NULL")
+    db.execute("CREATE INDEX outbox_stream_pending ON outbox(address, stream_seq) "
+               "WHERE state = 0")
     db.execute("CREATE INDEX outbox_settled ON outbox(state, settled_at) WHERE state <> 0")
     db.execute("CREATE INDEX outbox_superseded ON outbox(superseded_by) WHERE state = 3")
+    db["streams"].create({"address": str, "last_stream_seq": int}, pk="address")
     db["inbox"].create(
         {
             "key": str, "command": str, "state": str, "received_at": float,

@@ -20,9 +20,11 @@ from journal import (
     SchemaTooNew,
 )
 
+ADDRESS = "/exchange/events/h"
+
 
 def entry(body: str = "x", **kwargs) -> Entry:
-    return Entry(address="/exchange/events/h", body=body.encode(), **kwargs)
+    return Entry(address=ADDRESS, body=body.encode(), **kwargs)
 
 
 @pytest.fixture
@@ -85,7 +87,28 @@ def test_pending_streams_in_order_and_mark_delivered_settles(journal):
     assert bodies == [str(i) for i in range(600, 1200)]
     assert [e.seq for e in journal.pending(after_seq=1000, limit=3)] == [1001, 1002, 1003]
     assert journal.backlog[0] == 600
-    assert journal.settled_below() == 601
+    assert journal.settled_below(ADDRESS) == 601
+
+
+def test_each_address_has_its_own_dense_stream_seq(journal):
+    replies = "/queue/replies"
+    journal.append([entry("e1"), Entry(address=replies, body=b"r1"), entry("e2")])
+    journal.append([Entry(address=replies, body=b"r2"), entry("e3")])
+    streams = [(e.address, e.stream_seq) for e in journal.pending()]
+    assert streams == [(ADDRESS, 1), (replies, 1), (ADDRESS, 2), (replies, 2), (ADDRESS, 3)]
+    journal.mark_delivered([1, 3])
+    assert (journal.settled_below(ADDRESS), journal.settled_below(replies)) == (3, 1)
+    journal.mark_delivered([2, 4, 5])
+    assert (journal.settled_below(ADDRESS), journal.settled_below(replies)) == (4, 3)
+
+
+def test_stream_seqs_continue_after_pruning_and_reopening(tmp_path):
+    with Journal(tmp_path / "j.db", "h", retention_seconds=0) as journal:
+        journal.mark_delivered(journal.append([entry(), entry()]))
+        journal.prune(now=journal.epoch_started_at + 3600)
+    with Journal(tmp_path / "j.db") as journal:
+        journal.append([entry()])
+        assert [e.stream_seq for e in journal.pending()] == [3]
 
 
 def test_rejected_entries_are_kept_counted_and_their_object_unconfirmed(journal):
@@ -114,9 +137,9 @@ def test_coalescing_replaces_the_undelivered_entry_with_the_same_key(journal):
     pending = [(e.seq, e.body.decode(), e.replaces) for e in journal.pending()]
     assert pending == [(2, "event-1", None), (3, "stats-2", 1)]
     assert journal.stats().coalesced_total == 1
-    assert journal.settled_below() == 1  # seq 1 is settled only once its replacement is
+    assert journal.settled_below(ADDRESS) == 1  # seq 1 is settled only once its replacement is
     journal.mark_delivered([2, 3])
-    assert journal.settled_below() == 4
+    assert journal.settled_below(ADDRESS) == 4
 
 
 def test_events_never_coalesce_and_delivered_samples_are_not_replaced(journal):
@@ -146,7 +169,8 @@ def test_drop_oldest_appends_a_gap_marker_and_unconfirms_dropped_objects(tmp_pat
         gaps = [e for e in pending if e.subject == GAP_SUBJECT]
         assert len(gaps) == 1
         marker = json.loads(gaps[0].body)
-        assert marker == {"first_seq": 1, "last_seq": 3, "count": 3, "reason": "drop-oldest"}
+        assert marker == {"first_seq": 1, "last_seq": 3, "first_stream_seq": 1,
+                          "last_stream_seq": 3, "count": 3, "reason": "drop-oldest"}
         assert [e.body for e in pending if e.subject != GAP_SUBJECT] == [b"3", b"4", b"5", b"6"]
         assert journal.stats().dropped_total == 3
         assert journal.published_states() == {("domain", "u1"): UNCONFIRMED}
