@@ -34,3 +34,32 @@ class BrokerError(RelayError):
 
 class AddressUnroutable(BrokerError):
     """A target address exists but delivers to no queue (RabbitMQ would accept and drop)."""
+
+
+class LibvirtError(RelayError):
+    """A libvirt call failed. ``code`` and ``domain`` are libvirt's VIR_ERR_* and VIR_FROM_*."""
+
+    advice = "read the libvirt daemon's log on the host"
+
+    def __init__(self, message: str, code: int | None = None, domain: int | None = None):
+        self.code = code
+        self.domain = domain
+        super().__init__(f"libvirt: {message} ({self.advice})")
+
+
+class LibvirtTransient(LibvirtError):
+    """The connection to libvirt was lost or a call timed out: retry later."""
+
+    advice = "transient: retry once libvirt is reachable again; the adapter reconnects by itself"
+
+
+class LibvirtPermanent(LibvirtError):
+    """No such object, invalid argument, invalid operation: retrying the same call cannot help."""
+
+    advice = "permanent: check the object and the request; retrying the same call will not help"
+
+
+class LibvirtNotSupported(LibvirtError):
+    """The hypervisor driver behind the connection does not implement the call."""
+
+    advice = "not supported by this hypervisor driver or libvirt version; use another call"

@@ -4,7 +4,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES="rabbitmq-server libvirt-dev libvirt-clients pkg-config libssl-dev gcc
+DEBIAN_PACKAGES="rabbitmq-server libvirt-dev libvirt-clients libvirt-daemon pkg-config libssl-dev gcc
 python3 python3-venv python3-dev prometheus iproute2 nftables iptables openssl e2fsprogs procps"
 
 say() { printf 'bootstrap: %s\n' "$*"; }
