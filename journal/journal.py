@@ -632,6 +632,12 @@ class Journal:
         return {(cls, oid): (UNCONFIRMED if dirty else json.loads(state))
                 for cls, oid, state, dirty in rows}
 
+    def unconfirm_objects(self) -> int:
+        """Mark every published object unconfirmed, so the next reconcile publishes all of them
+        again (a consumer's full resync). Returns how many objects that concerns."""
+        return self._committer.run(
+            lambda conn: conn.execute("UPDATE objects SET dirty = 1").rowcount)
+
     # -- inspection ----------------------------------------------------------------------------
     def stats(self) -> JournalStats:
         """Backlog, counters and identity."""
@@ -652,6 +658,12 @@ class Journal:
             delivered_entries=counts.get(DELIVERED, 0), rejected_entries=counts.get(REJECTED, 0),
             dropped_total=int(meta["dropped_total"]), coalesced_total=int(meta["coalesced_total"]),
             inbox=inbox, file_bytes=file_bytes)
+
+    def oldest_undelivered_age(self) -> float:
+        """Seconds since the oldest undelivered entry was appended (0 when none waits)."""
+        row = self._reader().execute(
+            "SELECT created_at FROM outbox WHERE state = 0 ORDER BY seq LIMIT 1").fetchone()
+        return max(0.0, time.time() - row[0]) if row else 0.0
 
     @property
     def backlog(self) -> tuple[int, int]:

@@ -31,9 +31,60 @@ def build_parser() -> argparse.ArgumentParser:
         description="Store-and-forward relay between libvirt hosts and an AMQP 1.0 broker.")
     parser.add_argument("--version", action="version", version=f"virt-relay {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_agent_command(commands)
     _add_broker_commands(commands)
     _add_journal_commands(commands)
     return parser
+
+
+def _add_agent_command(commands) -> None:
+    agent = commands.add_parser(
+        "agent", help="run the agent of this libvirt host",
+        description="Run the agent: publish every libvirt object and change, execute commands, "
+                    "journal both directions. Settings: --config file, then VIRTRELAY_* "
+                    "environment variables, then these flags.")
+    agent.add_argument("--config", type=Path, help="TOML file (see agent.sample.toml)")
+    agent.add_argument("--check-config", action="store_true",
+                       help="validate and print the effective configuration, then exit")
+    agent.add_argument("--host-id", help="this host's id (default: hostname + machine-id)")
+    agent.add_argument("--broker-url", action="append", dest="broker_urls",
+                       help="broker URL; repeat for failover")
+    agent.add_argument("--journal", help="journal file path")
+    agent.add_argument("--libvirt-uri", help="libvirt URI (default test:///default)")
+    agent.add_argument("--metrics-listen", help="HOST:PORT of /metrics, /healthz, /readyz "
+                                                "('' turns it off)")
+    agent.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    agent.set_defaults(handler=_agent)
+
+
+def _agent(args) -> int:
+    import logging
+    import signal
+    import threading
+
+    from relay import config as config_module
+    from relay.agent import Agent
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_module.load(args.config, overrides={
+        "host_id": args.host_id, "broker.urls": args.broker_urls, "journal.path": args.journal,
+        "libvirt.uri": args.libvirt_uri, "metrics.listen": args.metrics_listen})
+    if args.check_config:
+        print(json.dumps(config.redacted(), indent=2))
+        return 0
+    agent = Agent(config)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    agent.start()
+    if agent.status:
+        print(f"virt-relay agent {config.host_id}: metrics on "
+              f"http://{config.metrics.listen.rpartition(':')[0] or '127.0.0.1'}:"
+              f"{agent.status.port}/metrics", flush=True)
+    stop.wait()
+    agent.stop()
+    return 0
 
 
 def _add_broker_commands(commands) -> None:
@@ -42,6 +93,15 @@ def _add_broker_commands(commands) -> None:
         description="Run a private RabbitMQ node (AMQP 1.0 and Prometheus plugins, loopback "
                     "only) with its own name, ports, data and log dirs under --state-dir.")
     actions = broker.add_subparsers(dest="action", metavar="ACTION", required=True)
+    setup = actions.add_parser(
+        "setup", help="declare and verify the durable topology (RabbitMQ 3.x)",
+        description="Declare the events exchange, host command queues, and console event and "
+                    "reply queues; then verify every host's events reach a queue.")
+    setup.add_argument("--url", required=True, help="broker URL (AMQP 0-9-1 on the same port)")
+    setup.add_argument("--host", action="append", default=[], help="a host id (repeatable)")
+    setup.add_argument("--console", action="append", default=[],
+                       help="a console id (repeatable)")
+    setup.set_defaults(handler=_broker_setup)
     for name, help_text in (("start", "start the node and print its AMQP URL"),
                             ("stop", "stop the node"),
                             ("status", "show whether the node runs (exit 3 when it does not)")):
@@ -133,6 +193,24 @@ def _tail(journal, count: int, follow: bool) -> None:
         if not follow:
             return
         time.sleep(0.5)
+
+
+def _broker_setup(args) -> int:
+    from relay.rabbitmq_admin import RabbitAdmin
+    from relay.topology import Addresses, declare_console, declare_host, verify_host
+
+    addresses = Addresses()
+    with RabbitAdmin(args.url) as admin:
+        for console in args.console:
+            declare_console(admin, addresses, console)
+            print(f"console {console}: events {addresses.console_events_for(console)}, "
+                  f"replies {addresses.replies_for(console)}")
+        for host in args.host:
+            declare_host(admin, addresses, host)
+            verify_host(admin, addresses, host)
+            print(f"host {host}: events {addresses.events_for(host)} routed, "
+                  f"commands {addresses.commands_for(host)}")
+    return 0
 
 
 def _print(args, data: dict, text: str) -> None:

@@ -9,14 +9,14 @@ the project's error tree at this edge.
 from __future__ import annotations
 
 import contextlib
+import ssl
 from urllib.parse import unquote, urlsplit
 
 import pika
 import pika.exceptions
 
 from relay.errors import AddressUnroutable, BrokerError
-
-PROBE_HEADER = "virtrelay-probe"
+from relay.wire import PROBE_MESSAGE_ID
 
 
 def parse_address(address: str) -> tuple[str, str]:
@@ -35,25 +35,32 @@ def parse_address(address: str) -> tuple[str, str]:
         "/exchange/NAME[/KEY] or /topic/KEY (RabbitMQ 3.x AMQP 1.0 address format)")
 
 
-def connection_parameters(url: str) -> pika.ConnectionParameters:
-    """pika parameters for an ``amqp://[user:pass@]host:port[/vhost]`` URL (guest by default)."""
+def connection_parameters(url: str, ssl_context: ssl.SSLContext | None = None
+                          ) -> pika.ConnectionParameters:
+    """pika parameters for an ``amqp[s]://[user:pass@]host:port[/vhost]`` URL (guest by
+    default); ``amqps`` uses ``ssl_context``."""
     parts = urlsplit(url)
+    ssl_options = None
+    if parts.scheme == "amqps":
+        ssl_options = pika.SSLOptions(ssl_context or ssl.create_default_context(),
+                                      parts.hostname)
     vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
     credentials = pika.PlainCredentials(unquote(parts.username or "guest"),
                                         unquote(parts.password or "guest"))
     return pika.ConnectionParameters(
-        host=parts.hostname or "127.0.0.1", port=parts.port or 5672, virtual_host=vhost,
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or (5671 if ssl_options else 5672), virtual_host=vhost,
         credentials=credentials, connection_attempts=1, socket_timeout=5,
-        blocked_connection_timeout=10)
+        blocked_connection_timeout=10, ssl_options=ssl_options)
 
 
 class RabbitAdmin:
     """One AMQP 0-9-1 connection used to declare and verify topology."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, ssl_context: ssl.SSLContext | None = None):
         self.url = url
         try:
-            self._connection = pika.BlockingConnection(connection_parameters(url))
+            self._connection = pika.BlockingConnection(connection_parameters(url, ssl_context))
         except pika.exceptions.AMQPError as exc:
             raise BrokerError(f"cannot reach RabbitMQ at {url} over AMQP 0-9-1: {exc!r}") from exc
 
@@ -68,20 +75,45 @@ class RabbitAdmin:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    def declare(self, exchanges: list[tuple[str, str]], queues: list[str],
+                bindings: list[tuple[str, str, str]]) -> None:
+        """Declare durable exchanges (name, type), durable queues, and bindings
+        (queue, exchange, key). Declaring what exists with the same settings is a no-op."""
+        channel = self._connection.channel()
+        try:
+            for name, kind in exchanges:
+                channel.exchange_declare(name, kind, durable=True)
+            for name in queues:
+                channel.queue_declare(name, durable=True)
+            for queue, exchange, key in bindings:
+                channel.queue_bind(queue, exchange, key)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            raise BrokerError(f"declaring the topology failed: {exc.reply_code} "
+                              f"{exc.reply_text}") from exc
+        except pika.exceptions.AMQPError as exc:
+            raise BrokerError(f"declaring the topology failed: {exc!r}") from exc
+        finally:
+            if channel.is_open:
+                channel.close()
+
     def check_route(self, address: str) -> None:
         """Raise ``AddressUnroutable`` unless a message sent to ``address`` reaches a queue.
 
-        Publishes a mandatory probe with publisher confirms and a zero TTL: the broker returns it
+        A queue address routes when the queue exists (passive declare). For an exchange, this
+        publishes a mandatory probe with publisher confirms and a zero TTL: the broker returns it
         when no queue matches, and otherwise drops it at once unless a consumer is waiting.
-        Consumers recognise it by the ``virtrelay-probe`` application property and discard it.
+        Consumers recognise it by its message id ``virtrelay-probe`` and discard it.
         """
         exchange, key = parse_address(address)
         channel = self._connection.channel()
         try:
+            if not exchange:  # the default exchange routes to the queue of that name, if any
+                channel.queue_declare(key, passive=True)
+                return
             channel.confirm_delivery()
             channel.basic_publish(
                 exchange, key, b"",
-                pika.BasicProperties(expiration="0", headers={PROBE_HEADER: True}),
+                pika.BasicProperties(expiration="0", message_id=PROBE_MESSAGE_ID),
                 mandatory=True)
         except pika.exceptions.UnroutableError as exc:
             raise AddressUnroutable(

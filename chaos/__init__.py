@@ -1,0 +1,1 @@
+"""Fault injection (network proxy, process kills) and the delivery checker for chaos runs."""

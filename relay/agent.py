@@ -1,0 +1,314 @@
+"""The agent: one per libvirt host. Wires the journal, the libvirt side, the broker link, the
+command processor and the status endpoint together, and keeps them running."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+import threading
+from typing import Any
+
+from journal import Backpressure, Journal, JournalFull
+from relay import wire
+from relay.amqp_link import BrokerLink, BrokerSettings
+from relay.changes import Change, ObjectKey
+from relay.commands import CommandProcessor
+from relay.config import AgentConfig, read_secret
+from relay.errors import AddressUnroutable, BrokerError
+from relay.http import StatusServer
+from relay.libvirt_adapter import LibvirtAdapter
+from relay.metrics import AgentMetrics, count_from
+from relay.outbound import OutboundStream
+from relay.rabbitmq_admin import RabbitAdmin
+from relay.topology import Addresses, declare_host, verify_host
+
+log = logging.getLogger(__name__)
+logging.getLogger("pika").setLevel(logging.WARNING)  # pika logs every channel at INFO
+
+
+class JournalSink:
+    """The libvirt side's ``ChangeSink``: each change becomes an outbox entry, appended without
+    waiting for the disk; the broker link is woken once it is durable. A change the journal
+    refuses (backlog bound under ``block``, disk full) is counted, and its object is re-checked
+    later, so the next successful append carries the object's real state."""
+
+    def __init__(self, journal: Journal, address: str, metrics: AgentMetrics, wake):
+        self.journal = journal
+        self.address = address
+        self.metrics = metrics
+        self.wake = wake
+        self._retry: set[ObjectKey] = set()
+        self._lock = threading.Lock()
+
+    def submit(self, change: Change) -> None:
+        """Journal ``change`` (in submission order); never blocks on fsync."""
+        handle = self.journal.append_async([wire.event_entry(change, self.address)])
+        handle.add_done_callback(lambda done: self._done(change, done))
+
+    def _done(self, change: Change, handle) -> None:
+        error = handle.exception()
+        if error is None:
+            self.metrics.appended.labels(change.origin).inc()
+            self.wake()
+            return
+        reason = ("backpressure" if isinstance(error, Backpressure)
+                  else "disk-full" if isinstance(error, JournalFull) else "journal-error")
+        if reason == "disk-full":
+            self.metrics.disk_full.inc()
+        self.metrics.dropped.labels(reason).inc()
+        log.warning("change %s of %s not journaled (%s): will re-check the object", change.event,
+                    change.key, error)
+        with self._lock:
+            self._retry.add(change.key)
+
+    def take_retries(self) -> set[ObjectKey]:
+        """Objects whose last change could not be journaled."""
+        with self._lock:
+            keys, self._retry = self._retry, set()
+        return keys
+
+
+class TopologyGuard:
+    """Declares this host's topology and checks, in a background thread, that addresses route
+    to a queue (RabbitMQ 3.x drops what routes nowhere). ``check(address)`` never blocks."""
+
+    def __init__(self, config: AgentConfig, addresses: Addresses,
+                 current_url, ssl_context: ssl.SSLContext | None, metrics: AgentMetrics):
+        self.config = config
+        self.addresses = addresses
+        self.current_url = current_url
+        self.ssl_context = ssl_context
+        self.metrics = metrics
+        self._verdicts: dict[str, bool] = {}
+        self._wanted: set[str] = set()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.last_problem: str | None = None
+        self._thread = threading.Thread(target=self._loop, name="topology", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(10)
+
+    def recheck(self) -> None:
+        """Check the events address again now (e.g. after a console declared its queue)."""
+        self._wake.set()
+
+    def check(self, address: str) -> bool | None:
+        """The last verdict for ``address``; None (and a check soon) when there is none."""
+        if not self.config.topology.verify:
+            return True
+        verdict = self._verdicts.get(address)
+        if verdict is None and address not in self._wanted:
+            self._wanted.add(address)
+            self._wake.set()
+        return verdict
+
+    def _loop(self) -> None:
+        events = self.addresses.events_for(self.config.host_id)
+        while not self._stop.is_set():
+            self._wanted.add(events)
+            try:
+                self._run_checks(events)
+            except BrokerError as exc:
+                self.last_problem = str(exc)
+                log.warning("topology check failed: %s", exc)
+            routable = self._verdicts.get(events, False)
+            self.metrics.topology_ok.set(1 if routable else 0)
+            self._wake.wait(30.0 if routable else 5.0)
+            self._wake.clear()
+
+    def _run_checks(self, events: str) -> None:
+        url = self._admin_url()
+        with RabbitAdmin(url, self.ssl_context) as admin:
+            if self.config.topology.declare:
+                declare_host(admin, self.addresses, self.config.host_id)
+            for address in list(self._wanted):
+                try:
+                    if address == events:
+                        verify_host(admin, self.addresses, self.config.host_id)
+                    else:
+                        admin.check_route(address)
+                except AddressUnroutable as exc:
+                    self._verdicts[address] = False
+                    if address == events:
+                        self.last_problem = str(exc)
+                        log.error("not publishing: %s", exc)
+                        continue  # keep checking the events address
+                else:
+                    self._verdicts[address] = True
+                    if address == events:
+                        self.last_problem = None
+                self._wanted.discard(address)
+
+    def _admin_url(self) -> str:
+        return self.config.topology.admin_url or self.current_url() or self.config.broker.urls[0]
+
+
+class Agent:
+    """Everything one host runs. ``start()`` returns at once; ``stop()`` shuts down cleanly."""
+
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self.metrics = AgentMetrics()
+        journal_config = config.journal
+        self.journal = Journal(
+            journal_config.path, config.host_id, synchronous=journal_config.synchronous,
+            max_entries=journal_config.max_entries, max_bytes=journal_config.max_bytes,
+            policy=journal_config.policy, retention_seconds=journal_config.retention_seconds,
+            inbox_retention_seconds=journal_config.inbox_retention_seconds)
+        if self.journal.open_report.quarantined_to is not None:
+            self.metrics.quarantines.inc()
+        self.journal.batch_observers.append(self._observe_commit)
+        self.addresses = Addresses(events_exchange=config.topology.events_exchange,
+                                   events=config.topology.events,
+                                   commands=config.topology.commands)
+        self.settings = broker_settings(config)
+        self.stream = OutboundStream(
+            self.journal, self.metrics, replay_rate=config.broker.replay_rate or None,
+            replay_batch=config.broker.replay_batch, compress=config.broker.replay_compress)
+        self.sink = JournalSink(self.journal, self.addresses.events_for(config.host_id),
+                                self.metrics, self._wake_link)
+        self.libvirt = LibvirtAdapter(
+            self.sink, self.journal, config.libvirt.uri, workers=config.libvirt.workers,
+            reconcile_interval=config.libvirt.reconcile_interval,
+            stats_interval=config.libvirt.stats_interval,
+            on_state_change=self._libvirt_state)
+        secret = read_secret(config.commands.hmac_key_file, config.commands.hmac_key_env,
+                             "commands HMAC key")
+        self.commands = CommandProcessor(
+            self.journal, self.libvirt.connection, self._settle, self._wake_link, self.metrics,
+            on_refresh=self._refresh,
+            workers=config.commands.workers, allow=config.commands.allow,
+            secret=secret.encode() if secret else None,
+            require_signature=config.commands.require_signature)
+        self.topology = TopologyGuard(config, self.addresses, lambda: self.link.connected_url,
+                                      admin_ssl_context(self.settings), self.metrics)
+        self.link = BrokerLink(self.settings, self.stream,
+                               self.addresses.commands_for(config.host_id),
+                               self.commands.on_delivery, self.metrics,
+                               address_check=self.topology.check)
+        self.status: StatusServer | None = None
+        if config.metrics.listen:
+            self.status = StatusServer(config.metrics.listen, self.metrics.registry,
+                                       self.readiness)
+        self._recovered = False
+        self._stop = threading.Event()
+        self._housekeeping = threading.Thread(target=self._housekeep, name="housekeeping",
+                                              daemon=True)
+        self.metrics.backlog_entries.set_function(lambda: self.journal.backlog[0])
+        self.metrics.backlog_bytes.set_function(lambda: self.journal.backlog[1])
+        self.metrics.oldest_undelivered.set_function(self.journal.oldest_undelivered_age)
+        count_from(self.metrics.registry, [
+            ("libvirt_reconnects", "libvirt connections re-established after a loss.",
+             lambda: self.libvirt.reconnects),
+            ("reconcile_runs", "Reconcile passes completed.",
+             lambda: self.libvirt.reconcile_passes),
+        ])
+
+    def start(self) -> None:
+        """Start every part; the broker and libvirt may come later (or go away) at any time."""
+        if self.status:
+            self.status.start()
+        self.commands.start()
+        self.libvirt.start()
+        self.topology.start()
+        self.link.start()
+        self._housekeeping.start()
+        log.info("agent %s started (journal %s, epoch %s, libvirt %s, broker %s)",
+                 self.config.host_id, self.journal.path, self.journal.epoch,
+                 self.config.libvirt.uri, ", ".join(self.config.broker.urls))
+
+    def stop(self) -> None:
+        """Stop everything; undelivered entries stay in the journal for the next start."""
+        self._stop.set()
+        self.link.stop()
+        self.topology.stop()
+        self.libvirt.stop()
+        self.commands.stop()
+        if self._housekeeping.is_alive():
+            self._housekeeping.join(5)
+        if self.status:
+            self.status.stop()
+        self.journal.close()
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready when the journal and libvirt are usable; a down broker only degrades."""
+        entries, size = self.journal.backlog
+        details = {
+            "host": self.config.host_id, "epoch": self.journal.epoch,
+            "journal": "ok", "libvirt": "up" if self.libvirt.connected else "down",
+            "broker": "up" if self.link.connected else "down",
+            "broker_url": self.link.connected_url, "broker_error": self.link.last_error,
+            "topology": self.topology.last_problem or "ok",
+            "backlog_entries": entries, "backlog_bytes": size,
+        }
+        ready = self.libvirt.connected
+        degraded = not self.link.connected or self.topology.last_problem is not None
+        details["status"] = "not-ready" if not ready else "degraded" if degraded else "ok"
+        return ready, details
+
+    # -- glue ---------------------------------------------------------------------------------
+    def _wake_link(self) -> None:
+        self.link.wake()
+
+    def _settle(self, delivery, accept: bool) -> None:
+        self.link.settle_command(delivery, accept)
+
+    def _refresh(self, full: bool) -> None:
+        """A console asked for a resync: ``full`` republishes every object."""
+        if full:
+            self.journal.unconfirm_objects()
+        self.libvirt.reconcile(timeout=0)
+
+    def _libvirt_state(self, connected: bool) -> None:
+        self.metrics.libvirt_connected.set(1 if connected else 0)
+        if connected and not self._recovered:
+            self._recovered = True
+            self.commands.recover()
+
+    def _observe_commit(self, size: int, seconds: float) -> None:
+        self.metrics.commit_batch.observe(size)
+        self.metrics.commit_latency.observe(seconds)
+
+    def _housekeep(self) -> None:
+        ticks = 0
+        while not self._stop.wait(1.0):
+            ticks += 1
+            retries = self.sink.take_retries()
+            if retries:
+                self.libvirt.reconcile_objects(retries)
+            if ticks % 60 == 0:
+                with contextlib.suppress(Exception):
+                    self.journal.prune()
+
+
+def broker_settings(config: AgentConfig) -> BrokerSettings:
+    """The link settings, with secrets read from their files or environment variables."""
+    broker, tls = config.broker, config.broker.tls
+    return BrokerSettings(
+        urls=list(broker.urls), heartbeat=broker.heartbeat, reconnect_min=broker.reconnect_min,
+        reconnect_max=broker.reconnect_max, max_in_flight=broker.max_in_flight,
+        ca_file=tls.ca_file or None, cert_file=tls.cert_file or None,
+        key_file=tls.key_file or None,
+        key_password=read_secret(tls.key_password_file, tls.key_password_env,
+                                 "TLS key password"),
+        verify_hostname=tls.verify_hostname, sasl_mechanisms=broker.sasl_mechanisms or None,
+        user=broker.user or None,
+        password=read_secret(broker.password_file, broker.password_env, "broker password"))
+
+
+def admin_ssl_context(settings: BrokerSettings) -> ssl.SSLContext | None:
+    """The same trust and client certificate for the AMQP 0-9-1 topology connection."""
+    if not settings.uses_tls:
+        return None
+    context = ssl.create_default_context(cafile=settings.ca_file)
+    context.check_hostname = settings.verify_hostname
+    if settings.cert_file:
+        context.load_cert_chain(settings.cert_file, settings.key_file, settings.key_password)
+    return context

@@ -1,0 +1,221 @@
+"""Exactly-once command execution: inbox first, one effect, one stored reply.
+
+A command delivery is committed to the journal's inbox before it is accepted. A new command runs
+on a bounded pool of workers, one at a time per target object in arrival order; a duplicate gets
+the stored reply and runs nothing. ``mark_executing`` is durable before the libvirt call, so after
+a crash a command left ``executing`` is checked against libvirt (``Operation.effect``): done,
+re-run only when provably not done, otherwise reported as outcome unknown.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import libvirt
+
+from journal import DONE, EXECUTING, FAILED, RECEIVED, UNKNOWN, Journal
+from relay import wire
+from relay.amqp_link import CommandDelivery
+from relay.errors import LibvirtError, RelayError
+from relay.lanes import Lanes
+from relay.libvirt_errors import libvirt_calls
+from relay.metrics import AgentMetrics
+from relay.operations import OPERATIONS, Operation, lookup, resolve
+
+log = logging.getLogger(__name__)
+
+Settle = Callable[[CommandDelivery, bool], None]
+
+
+class CommandProcessor:
+    """Receives command deliveries (from the link thread) and executes them (on workers)."""
+
+    def __init__(self, journal: Journal, connection: Callable[[], libvirt.virConnect],
+                 settle: Settle, wake: Callable[[], None], metrics: AgentMetrics,
+                 on_refresh: Callable[[bool], None], workers: int = 4,
+                 allow: list[str] | None = None, secret: bytes | None = None,
+                 require_signature: bool = False):
+        self.journal = journal
+        self.connection = connection
+        self.settle = settle
+        self.wake = wake
+        self.metrics = metrics
+        self.on_refresh = on_refresh
+        self.allow = allow or ["*"]
+        self.secret = secret
+        self.require_signature = require_signature
+        self.lanes = Lanes(workers, name="command")
+
+    def start(self) -> None:
+        """Start the workers."""
+        self.lanes.start()
+
+    def stop(self) -> None:
+        """Stop the workers (queued commands stay in the inbox for the next start)."""
+        self.lanes.stop()
+
+    def allowed(self, name: str) -> bool:
+        """Whether the configured allow-list admits operation ``name``."""
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.allow)
+
+    # -- receiving (link thread: must not block) ------------------------------------------------
+    def on_delivery(self, delivery: CommandDelivery) -> None:
+        """Validate, commit to the inbox, then accept; never blocks the link thread."""
+        if delivery.message_id == wire.PROBE_MESSAGE_ID:
+            self.settle(delivery, True)  # a route check, not a command
+            return
+        try:
+            command = wire.parse_command(delivery.body, self.secret, self.require_signature)
+            if delivery.reply_to and not command.get("reply_to"):
+                command["reply_to"] = delivery.reply_to
+            operation = resolve(command["operation"], self.allowed)
+            operation.check_args(command["args"])
+            if operation.needs_target and not command.get("target"):
+                raise wire.InvalidCommand(f"{operation.name} needs a target", "bad-target")
+        except wire.InvalidCommand as invalid:
+            refusal = invalid  # `invalid` is unbound when the except block ends
+            self.lanes.submit("invalid", lambda: self._refuse(delivery, refusal))
+            return
+        name = operation.name
+        self.metrics.commands_received.labels(name).inc()
+        handle = self.journal.receive_async(command["key"], command)
+        handle.add_done_callback(lambda done: self._received(delivery, command, operation, done))
+
+    def _received(self, delivery: CommandDelivery, command: dict[str, Any],
+                  operation: Operation, handle) -> None:
+        error = handle.exception()
+        if error is not None:
+            log.error("could not commit command %s to the inbox (%s); releasing it for "
+                      "redelivery", command["key"], error)
+            self.settle(delivery, False)
+            return
+        received = handle.wait()
+        self.settle(delivery, True)
+        if received.is_new:
+            self._queue(command["key"], command, operation)
+            return
+        self.metrics.commands_duplicate.labels(operation.name).inc()
+        if received.reply is not None:
+            self.journal.append_async([received.reply]).add_done_callback(lambda _: self.wake())
+
+    def _refuse(self, delivery: CommandDelivery, invalid: wire.InvalidCommand) -> None:
+        """Reply with the reason, count it, record it under its key when it has one."""
+        self.metrics.commands_rejected.labels(invalid.code).inc()
+        command = _best_effort_envelope(delivery)
+        reply = wire.reply_entry(command, wire.ERROR, error=invalid.reason, code=invalid.code)
+        log.warning("refused command %s: %s", command.get("key"), invalid.reason)
+        key = command.get("key")
+        trusted_key = isinstance(key, str) and invalid.code not in ("unsigned", "bad-signature")
+        try:
+            if trusted_key and self.journal.receive(key, command).is_new:
+                self.journal.record_result(key, FAILED, {"error": invalid.reason}, reply)
+            elif reply is not None:
+                self.journal.append([reply])
+        except RelayError as exc:
+            log.error("could not journal the refusal of %s (%s); releasing it", key, exc)
+            self.settle(delivery, False)
+            return
+        self.settle(delivery, True)
+        self.wake()
+
+    # -- executing (workers) ----------------------------------------------------------------
+    def _queue(self, key: str, command: dict[str, Any], operation: Operation,
+               recovering: bool = False) -> None:
+        lane = (operation.target_class, command.get("target") or "")
+        self.lanes.submit(lane, lambda: self._execute(key, command, operation, recovering))
+
+    def _execute(self, key: str, command: dict[str, Any], operation: Operation,
+                 recovering: bool) -> None:
+        started = time.monotonic()
+        deadline = command.get("deadline")
+        try:
+            conn = self.connection()
+            with libvirt_calls():
+                target = lookup(conn, operation.target_class, command.get("target"))
+            if operation.needs_target and target is None:
+                raise wire.InvalidCommand(f"no {operation.target_class} "
+                                          f"{command.get('target')!r} on this host", "no-object")
+            if recovering:
+                if self._settle_after_crash(key, command, operation, conn, target):
+                    return
+            else:
+                if deadline is not None and deadline < time.time():
+                    raise wire.InvalidCommand("deadline expired while queued", "expired")
+                self.journal.mark_executing(key)
+            with libvirt_calls():
+                result = operation.run(conn, target, command["args"])
+            if operation.name == "node.refresh":
+                self.on_refresh(bool(command["args"].get("full", False)))
+            self._finish(key, command, DONE, wire.OK, result=result)
+        except wire.InvalidCommand as invalid:
+            self._finish(key, command, FAILED, wire.ERROR, error=invalid.reason,
+                         code=invalid.code)
+        except LibvirtError as error:
+            self._finish(key, command, FAILED, wire.ERROR, error=str(error),
+                         code=type(error).__name__)
+        finally:
+            self.metrics.command_duration.labels(operation.name).observe(
+                time.monotonic() - started)
+
+    def _settle_after_crash(self, key: str, command: dict[str, Any], operation: Operation,
+                            conn, target) -> bool:
+        """Decide a command left ``executing`` by a crash; True when that settled it."""
+        with libvirt_calls():
+            done = operation.effect(conn, target, command["args"])
+        if done is True:
+            log.info("command %s (%s) had taken effect before the restart", key, operation.name)
+            self._finish(key, command, DONE, wire.OK, result={"reconciled": True})
+            return True
+        if done is None:
+            log.warning("command %s (%s) was interrupted and its effect cannot be decided",
+                        key, operation.name)
+            self.metrics.commands_outcome_unknown.labels(operation.name).inc()
+            self._finish(key, command, UNKNOWN, wire.OUTCOME_UNKNOWN,
+                         error="the agent stopped during this command and cannot tell whether "
+                               "it took effect: check the object before retrying",
+                         code="outcome-unknown")
+            return True
+        log.info("command %s (%s) provably did not take effect: running it", key,
+                 operation.name)
+        return False
+
+    def _finish(self, key: str, command: dict[str, Any], state: str, status: str,
+                result: Any = None, error: str | None = None, code: str | None = None) -> None:
+        reply = wire.reply_entry(command, status, result=result, error=error, code=code)
+        self.journal.record_result(key, state, {"status": status, "result": result,
+                                                "error": error}, reply)
+        self.metrics.commands_executed.labels(command["operation"], status).inc()
+        self.wake()
+
+    def recover(self) -> int:
+        """Queue the commands a previous run left unfinished; return how many."""
+        pending = self.journal.commands(RECEIVED, EXECUTING)
+        for key, command in pending:
+            operation = OPERATIONS.get(command.get("operation"))
+            if operation is None:
+                continue
+            state = self.journal.command_state(key)
+            self._queue(key, command, operation, recovering=state == EXECUTING)
+        if pending:
+            log.info("recovering %d unfinished commands from the inbox", len(pending))
+        return len(pending)
+
+
+def _best_effort_envelope(delivery: CommandDelivery) -> dict[str, Any]:
+    """What can be read of a refused command: enough to address the error reply."""
+    try:
+        raw = delivery.body.encode() if isinstance(delivery.body, str) else bytes(delivery.body)
+        command = json.loads(raw)
+        if not isinstance(command, dict):
+            command = {}
+    except (TypeError, ValueError):
+        command = {}
+    command.setdefault("reply_to", delivery.reply_to)
+    command.setdefault("correlation_id", delivery.correlation_id)
+    return {k: command.get(k) for k in ("key", "operation", "target", "args", "reply_to",
+                                        "correlation_id", "deadline")}

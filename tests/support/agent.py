@@ -1,0 +1,181 @@
+"""Agents for tests (in this process, or as a killable process) and console-side readers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from proton import Message
+from proton.utils import BlockingConnection
+
+from relay import config as config_module
+from relay import wire
+from relay.agent import Agent
+from relay.config import AgentConfig
+from relay.rabbitmq_admin import RabbitAdmin
+from relay.topology import Addresses, declare_console
+from tests.support import wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def unique(prefix: str) -> str:
+    """A name no other test uses (hosts, consoles)."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def agent_config(tmp_path: Path, urls: list[str], host_id: str | None = None,
+                 **overrides: Any) -> AgentConfig:
+    """A test agent's configuration: own journal, fast reconnects, metrics on a free port."""
+    settings = {"host_id": host_id or unique("host"), "broker.urls": urls,
+                "journal.path": str(tmp_path / f"{host_id or 'agent'}-journal.db"),
+                "metrics.listen": "127.0.0.1:0", "broker.reconnect_min": 0.1,
+                "broker.reconnect_max": 1.0, "broker.heartbeat": 2.0,
+                "libvirt.reconcile_interval": 3600.0, "libvirt.stats_interval": 3600.0}
+    settings.update(overrides)
+    return config_module.load(None, environ={}, overrides=settings)
+
+
+@contextlib.contextmanager
+def running_agent(config: AgentConfig) -> Iterator[Agent]:
+    """An agent in this process, started, connected to libvirt; stopped on exit."""
+    agent = Agent(config)
+    agent.start()
+    try:
+        wait_until(lambda: agent.libvirt.connected, timeout=20, what="agent's libvirt link")
+        yield agent
+    finally:
+        agent.stop()
+
+
+def declare_consoles(url: str, *consoles: str, addresses: Addresses | None = None) -> None:
+    """Durable console queues (events + replies), as a console declares them at start."""
+    with RabbitAdmin(url) as admin:
+        for console in consoles:
+            declare_console(admin, addresses or Addresses(), console)
+
+
+class QueueReader:
+    """Reads a durable queue through AMQP 1.0, unpacking replay batches, accepting each."""
+
+    def __init__(self, url: str, address: str):
+        self.connection = BlockingConnection(url, timeout=10)
+        self.receiver = self.connection.create_receiver(address, credit=500)
+        self.messages: list[wire.Incoming] = []
+        self.received_at: list[float] = []
+
+    def poll(self, timeout: float = 0.2) -> int:
+        """Receive what arrives within ``timeout`` seconds of silence; return how many."""
+        count = 0
+        while True:
+            try:
+                message = self.receiver.receive(timeout=timeout)
+            except Exception:  # proton's Timeout: the queue is quiet
+                return count
+            self.receiver.accept()
+            now = time.monotonic()
+            for item in decode(message):
+                self.messages.append(item)
+                self.received_at.append(now)
+                count += 1
+
+    def wait_for(self, predicate, timeout: float = 20.0, what: str = "messages") -> list:
+        """Poll until ``predicate(messages)`` is true."""
+        def ready():
+            self.poll(0.1)
+            return predicate(self.messages)
+        wait_until(ready, timeout=timeout, interval=0, what=what)
+        return self.messages
+
+    def keys(self) -> set[str]:
+        """Every message id received (a replay duplicate counts once)."""
+        return {m.message_id for m in self.messages}
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.connection.close()
+
+
+def decode(message: Message) -> list[wire.Incoming]:
+    """The logical messages in one AMQP message (a replay batch holds several)."""
+    body = message.body
+    if isinstance(body, memoryview):
+        body = bytes(body)
+    return wire.unpack(dict(message.properties or {}), body, message.content_encoding,
+                       str(message.id), message.subject or "")
+
+
+def send_command(url: str, host: str, operation: str, target: str | None,
+                 reply_to: str, key: str | None = None, body: bytes | None = None,
+                 **fields: Any) -> str:
+    """Send one command (or a raw ``body``) to ``host``'s command queue; return its key."""
+    key = key or unique("cmd")
+    if body is None:
+        body = wire.command_body(key, operation, target, fields.pop("args", {}), reply_to,
+                                 **fields)
+    connection = BlockingConnection(url, timeout=10)
+    try:
+        sender = connection.create_sender(Addresses().commands_for(host))
+        sender.send(Message(body=body, durable=True, reply_to=reply_to,
+                            content_type=wire.CONTENT_TYPE))
+    finally:
+        connection.close()
+    return key
+
+
+class AgentProcess:
+    """``virt-relay agent`` as a child process with a TOML config; SIGKILL and start again."""
+
+    def __init__(self, tmp_path: Path, config: dict[str, Any], env: dict[str, str] | None = None):
+        self.path = tmp_path / f"agent-{config['host_id']}.toml"
+        self.path.write_text(_toml(config))
+        self.log = tmp_path / f"agent-{config['host_id']}.log"
+        self.env = env or {}
+        self.process: subprocess.Popen | None = None
+
+    def start(self, extra_env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env, **(extra_env or {})}
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "relay.cli", "agent", "--config", str(self.path),
+                 "--log-level", "DEBUG"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                cwd=ROOT)
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+        if self.process:
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def exited(self) -> int | None:
+        return self.process.poll() if self.process else None
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _toml(config: dict[str, Any], section: str = "") -> str:
+    plain = {k: v for k, v in config.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in config.items() if isinstance(v, dict)}
+    lines = [f"[{section}]"] if section and plain else []
+    lines += [f"{key} = {json.dumps(value)}" for key, value in plain.items()]
+    for name, table in tables.items():
+        lines.append(_toml(table, f"{section}.{name}" if section else name))
+    return "\n".join(lines) + "\n"
