@@ -22,6 +22,7 @@ from journal import DONE, EXECUTING, FAILED, RECEIVED, UNKNOWN, Journal
 from relay import wire
 from relay.amqp_link import CommandDelivery
 from relay.errors import LibvirtError, RelayError
+from relay.faults import crash_point
 from relay.lanes import Lanes
 from relay.libvirt_errors import libvirt_calls
 from relay.metrics import AgentMetrics
@@ -95,6 +96,7 @@ class CommandProcessor:
             self.settle(delivery, False)
             return
         received = handle.wait()
+        crash_point("command.after-inbox")
         self.settle(delivery, True)
         if received.is_new:
             self._queue(command["key"], command, operation)
@@ -149,6 +151,7 @@ class CommandProcessor:
                 self.journal.mark_executing(key)
             with libvirt_calls():
                 result = operation.run(conn, target, command["args"])
+            crash_point("command.after-effect")
             if operation.name == "node.refresh":
                 self.on_refresh(bool(command["args"].get("full", False)))
             self._finish(key, command, DONE, wire.OK, result=result)
