@@ -74,8 +74,10 @@ class TopologyGuard:
     to a queue (RabbitMQ 3.x drops what routes nowhere). ``check(address)`` never blocks."""
 
     def __init__(self, config: AgentConfig, addresses: Addresses,
-                 current_url, ssl_context: ssl.SSLContext | None, metrics: AgentMetrics):
+                 current_url, ssl_context: ssl.SSLContext | None, metrics: AgentMetrics,
+                 on_verdict=lambda: None):
         self.config = config
+        self.on_verdict = on_verdict
         self.addresses = addresses
         self.current_url = current_url
         self.ssl_context = ssl_context
@@ -104,7 +106,7 @@ class TopologyGuard:
         if not self.config.topology.verify:
             return True
         verdict = self._verdicts.get(address)
-        if verdict is None and address not in self._wanted:
+        if verdict is None:
             self._wanted.add(address)
             self._wake.set()
         return verdict
@@ -112,16 +114,19 @@ class TopologyGuard:
     def _loop(self) -> None:
         events = self.addresses.events_for(self.config.host_id)
         while not self._stop.is_set():
+            self._wake.clear()  # before checking: a request made meanwhile is not lost
             self._wanted.add(events)
+            before = dict(self._verdicts)
             try:
                 self._run_checks(events)
             except BrokerError as exc:
                 self.last_problem = str(exc)
                 log.warning("topology check failed: %s", exc)
+            if self._verdicts != before:
+                self.on_verdict()
             routable = self._verdicts.get(events, False)
             self.metrics.topology_ok.set(1 if routable else 0)
             self._wake.wait(30.0 if routable else 5.0)
-            self._wake.clear()
 
     def _run_checks(self, events: str) -> None:
         url = self._admin_url()
@@ -188,7 +193,8 @@ class Agent:
             secret=secret.encode() if secret else None,
             require_signature=config.commands.require_signature)
         self.topology = TopologyGuard(config, self.addresses, lambda: self.link.connected_url,
-                                      admin_ssl_context(self.settings), self.metrics)
+                                      admin_ssl_context(self.settings), self.metrics,
+                                      on_verdict=self._wake_link)
         self.link = BrokerLink(self.settings, self.stream,
                                self.addresses.commands_for(config.host_id),
                                self.commands.on_delivery, self.metrics,
