@@ -102,13 +102,16 @@ class TopologyGuard:
         self._wake.set()
 
     def check(self, address: str) -> bool | None:
-        """The last verdict for ``address``; None (and a check soon) when there is none."""
+        """True: send. None: hold (not checked yet, or our own events address routes nowhere
+        yet: the backlog waits for a console). False: a reply address that routes nowhere."""
         if not self.config.topology.verify:
             return True
         verdict = self._verdicts.get(address)
         if verdict is None:
             self._wanted.add(address)
             self._wake.set()
+        if verdict is False and address == self.addresses.events_for(self.config.host_id):
+            return None
         return verdict
 
     def _loop(self) -> None:
@@ -126,7 +129,7 @@ class TopologyGuard:
                 self.on_verdict()
             routable = self._verdicts.get(events, False)
             self.metrics.topology_ok.set(1 if routable else 0)
-            self._wake.wait(30.0 if routable else 5.0)
+            self._wake.wait(30.0 if routable and not self._wanted else 5.0)
 
     def _run_checks(self, events: str) -> None:
         url = self._admin_url()
@@ -140,16 +143,15 @@ class TopologyGuard:
                     else:
                         admin.check_route(address)
                 except AddressUnroutable as exc:
-                    self._verdicts[address] = False
+                    self._verdicts[address] = False  # checked again next round
                     if address == events:
                         self.last_problem = str(exc)
                         log.error("not publishing: %s", exc)
-                        continue  # keep checking the events address
                 else:
                     self._verdicts[address] = True
+                    self._wanted.discard(address)
                     if address == events:
                         self.last_problem = None
-                self._wanted.discard(address)
 
     def _admin_url(self) -> str:
         return self.config.topology.admin_url or self.current_url() or self.config.broker.urls[0]

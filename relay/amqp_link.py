@@ -127,6 +127,7 @@ class BrokerLink(MessagingHandler):
         self._url_index = 0
         self._backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
         self._connection = None
+        self._receiver = None
         self._senders: dict[str, Any] = {}
         self._deliveries: dict[Delivery, tuple[int, ...]] = {}
         self._parked: dict[str, list[wire.Outgoing]] = {}
@@ -189,12 +190,18 @@ class BrokerLink(MessagingHandler):
         log.info("connecting to broker %s", url)
         self._attempt_url = url
         self._connection = self._container.connect(url, **kwargs)
+        self._receiver = None
         attempt = self._connection
         self._container.schedule(self.settings.open_timeout,
                                  _Callback(lambda: self._open_timed_out(attempt)))
-        if self.command_address:
-            self._container.create_receiver(self._connection, self.command_address,
-                                            name=f"commands-{self.command_address}")
+
+    def _ensure_receiver(self) -> None:
+        """Attach to the command queue once it is known to exist (RabbitMQ closes the whole
+        connection when a link attaches to a missing queue)."""
+        if (self._receiver is None and self.command_address
+                and self.address_check(self.command_address)):
+            self._receiver = self._container.create_receiver(
+                self._connection, self.command_address, name=f"commands-{self.command_address}")
 
     def _open_timed_out(self, attempt) -> None:
         if attempt == self._connection and not self.connected:
@@ -335,6 +342,7 @@ class BrokerLink(MessagingHandler):
     def _pump(self) -> None:
         if not self.connected:
             return
+        self._ensure_receiver()
         self._send_parked()
         room = self.settings.max_in_flight - len(self._deliveries) - sum(
             len(p) for p in self._parked.values())

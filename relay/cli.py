@@ -1,7 +1,10 @@
 """The ``virt-relay`` command line.
 
 Exit codes: 0 success; 1 an error virt-relay reports (the message says what to do); 2 bad usage;
-3 ``status``: the thing asked about is not running.
+3 ``status``: the thing asked about is not running; ``call``: 4 the host refused the command
+or libvirt failed (the reply's code says which), 5 no reply before the timeout (call again with
+the same ``--key`` to learn the outcome: it never runs twice), 6 outcome unknown (the host
+stopped during the command: check the object before trying again).
 """
 
 from __future__ import annotations
@@ -19,9 +22,32 @@ from relay.errors import RelayError
 
 EXIT_ERROR = 1
 EXIT_NOT_RUNNING = 3
+EXIT_REJECTED = 4
+EXIT_TIMEOUT = 5
+EXIT_OUTCOME_UNKNOWN = 6
 
-DEFAULT_BROKER_STATE = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local/state"),
-                            "virt-relay", "broker")
+STATE_HOME = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local/state"), "virt-relay")
+DEFAULT_BROKER_STATE = STATE_HOME / "broker"
+DEFAULT_CONSOLE_STATE = STATE_HOME / "console"
+DEFAULT_URL = os.environ.get("VIRTRELAY_URL", "amqp://127.0.0.1:5682")
+
+# virsh command names accepted by `virt-relay call` for the operations they match.
+VIRSH_NAMES = {
+    "start": "domain.start", "destroy": "domain.destroy", "shutdown": "domain.shutdown",
+    "reboot": "domain.reboot", "suspend": "domain.suspend", "resume": "domain.resume",
+    "undefine": "domain.undefine", "save": "domain.save", "restore": "domain.restore",
+    "dumpxml": "domain.dumpxml", "migrate": "domain.migrate", "define": "domain.define",
+    "net-start": "network.start", "net-destroy": "network.destroy",
+    "net-undefine": "network.undefine", "net-dumpxml": "network.dumpxml",
+    "net-define": "network.define", "pool-start": "storage_pool.start",
+    "pool-destroy": "storage_pool.destroy", "pool-build": "storage_pool.build",
+    "pool-delete": "storage_pool.delete", "pool-undefine": "storage_pool.undefine",
+    "pool-refresh": "storage_pool.refresh", "pool-dumpxml": "storage_pool.dumpxml",
+    "pool-define": "storage_pool.define", "pool-create": "storage_pool.create",
+    "find-storage-pool-sources": "storage_pool.find_sources",
+    "vol-create": "storage_pool.create_volume", "vol-delete": "storage_volume.delete",
+    "vol-dumpxml": "storage_volume.dumpxml", "refresh": "node.refresh",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_agent_command(commands)
     _add_broker_commands(commands)
     _add_journal_commands(commands)
+    _add_console_commands(commands)
     return parser
 
 
@@ -211,6 +238,228 @@ def _broker_setup(args) -> int:
             print(f"host {host}: events {addresses.events_for(host)} routed, "
                   f"commands {addresses.commands_for(host)}")
     return 0
+
+
+def _add_console_commands(commands) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", action="append", dest="urls",
+                        help=f"broker URL; repeat for failover (default {DEFAULT_URL}, or "
+                             "$VIRTRELAY_URL)")
+    common.add_argument("--console-id", help="this console's id (default: the one kept in "
+                                             "the state directory, created on first use)")
+    common.add_argument("--state-dir", type=Path, default=DEFAULT_CONSOLE_STATE,
+                        help=f"the console's journal and id (default {DEFAULT_CONSOLE_STATE})")
+    common.add_argument("--hmac-key-file", default="",
+                        help="sign commands with the hosts' shared key (first line of FILE)")
+    common.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    common.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
+
+    fleet = commands.add_parser(
+        "fleet", parents=[common], help="show every host's objects, their state and lag",
+        description="Show the fleet as this console knows it: it first catches up with its "
+                    "durable queue. Objects marked '?' await confirmation by a resync.")
+    fleet.add_argument("--watch", action="store_true", help="redraw on every change (Ctrl-C "
+                                                           "ends)")
+    fleet.add_argument("--wait", type=float, default=10.0,
+                       help="seconds to catch up before showing (default 10)")
+    fleet.set_defaults(handler=_fleet)
+
+    events = commands.add_parser(
+        "events", parents=[common], help="show the changes this console applied",
+        description="Show the last changes applied (from the console's journal, after "
+                    "catching up), then with --follow every new one as it is applied.")
+    events.add_argument("--host", help="only this host")
+    events.add_argument("-n", type=int, default=20, help="how many past changes (default 20)")
+    events.add_argument("--follow", action="store_true", help="keep printing new changes")
+    events.add_argument("--stats", action="store_true", help="include statistics samples")
+    events.add_argument("--wait", type=float, default=10.0,
+                        help="seconds to catch up before showing (default 10)")
+    events.set_defaults(handler=_events)
+
+    from relay.operations import OPERATIONS
+
+    call = commands.add_parser(
+        "call", parents=[common], help="run a libvirt operation on a host",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Send a command to HOST and print its reply. The command carries an "
+                    "idempotency key: it runs at most once, and calling again with the same "
+                    "--key fetches the stored reply. Exit codes: 0 ok, 4 refused or failed, "
+                    "5 no reply in time, 6 outcome unknown.",
+        epilog="operations (virsh names in brackets):\n" + "\n".join(
+            f"  {name:<28} {op.help or ''}" + "".join(
+                f" [{alias}]" for alias, target in VIRSH_NAMES.items() if target == name)
+            for name, op in sorted(OPERATIONS.items())))
+    call.add_argument("host", help="host id")
+    call.add_argument("operation", help="e.g. domain.start (or its virsh name, start)")
+    call.add_argument("target", nargs="?", help="uuid or name (volume: key or path)")
+    call.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
+                      help="an argument; VALUE is read as JSON when it parses, else as text")
+    call.add_argument("--key", help="idempotency key (default: a fresh one)")
+    call.add_argument("--timeout", type=float, default=30.0,
+                      help="seconds to wait for the reply (default 30)")
+    call.set_defaults(handler=_call)
+
+    demo = commands.add_parser(
+        "demo", help="a broker, an agent on test:///default and a live console (make run)",
+        description="Start the development broker, one agent on libvirt's test driver and a "
+                    "console under --state-dir; drive a domain from the console and show the "
+                    "fleet live. Ctrl-C stops everything.")
+    demo.add_argument("--state-dir", type=Path, default=Path(".run"),
+                      help="where the broker, agent and console keep their state (.run)")
+    demo.add_argument("--port", type=int, help="broker AMQP port (default 5682)")
+    demo.set_defaults(handler=_demo)
+
+
+def _console_id(args) -> str:
+    """``--console-id``, else the id kept in the state directory (created on first use)."""
+    if args.console_id:
+        return args.console_id
+    path = args.state_dir / "console-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        import socket
+        import uuid
+
+        console_id = f"cli-{socket.gethostname().split('.')[0]}-{uuid.uuid4().hex[:8]}"
+        args.state_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(console_id + "\n")
+        return console_id
+
+
+def _console_setup(args):
+    import logging
+
+    from relay.config import read_secret
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    secret = read_secret(args.hmac_key_file, "", "commands HMAC key")
+    return args.urls or [DEFAULT_URL], _console_id(args), secret.encode() if secret else None
+
+
+def _open_console(args):
+    from relay.console import Console
+
+    urls, console_id, secret = _console_setup(args)
+    console = Console(console_id, urls, args.state_dir / f"console-{console_id}.db",
+                      secret=secret)
+    console.start()
+    if not console.wait_idle(timeout=args.wait):
+        print(f"virt-relay: warning: not caught up after {args.wait:g} s (broker "
+              f"{console.link.last_error or 'unreachable or busy'}): showing what this console "
+              "knew", file=sys.stderr)
+    return console
+
+
+def _fleet(args) -> int:
+    from relay import console_view
+
+    console = _open_console(args)
+    try:
+        if args.json:
+            def render(hosts):
+                return json.dumps(console_view.fleet_json(console.console_id, hosts))
+        else:
+            render = console_view.fleet_text
+        if not args.watch:
+            print(render(console.hosts()))
+            return 0
+        console_view.watch(console, render, sys.stdout, _stop_on_signals(),
+                           clear=sys.stdout.isatty() and not args.json)
+        return 0
+    finally:
+        console.stop()
+
+
+def _events(args) -> int:
+    from relay import console_view
+
+    console = _open_console(args)
+    try:
+        show = (lambda n: json.dumps(n.as_json())) if args.json else console_view.notice_text
+        kinds = None if args.stats else console_view.WATCHED_KINDS
+        stream = console.changes(host=args.host, kinds=kinds) if args.follow else None
+        for notice in console.history(args.host, args.n):
+            if kinds is None or notice.kind in kinds:
+                print(show(notice))
+        if stream is None:
+            return 0
+        stop = _stop_on_signals()
+        while not stop.is_set():
+            notice = stream.get(timeout=0.5)
+            if notice is not None:
+                print(show(notice), flush=True)
+        stream.close()
+        return 0
+    finally:
+        console.stop()
+
+
+def _call(args) -> int:
+    from relay.commander import CommandClient
+    from relay.console import hold_lock
+    from relay.errors import CommandRejected, CommandTimeout, OutcomeUnknown
+
+    urls, console_id, secret = _console_setup(args)
+    operation = VIRSH_NAMES.get(args.operation, args.operation)
+    arguments = dict(_parse_arg(text) for text in args.arg)
+    calls_id = f"{console_id}-calls"  # its own reply queue: a watching console keeps its own
+    with hold_lock(args.state_dir / f"{calls_id}.lock", wait=args.timeout), \
+            CommandClient(calls_id, urls, secret=secret) as client:
+        try:
+            reply = client.call(args.host, operation, args.target, arguments,
+                                timeout=args.timeout, key=args.key)
+        except CommandRejected as exc:
+            _report_failure(args, exc, f"{args.host} refused {operation}: {exc}")
+            return EXIT_REJECTED
+        except CommandTimeout as exc:
+            _report_failure(args, exc, str(exc))
+            return EXIT_TIMEOUT
+        except OutcomeUnknown as exc:
+            _report_failure(args, exc, str(exc))
+            return EXIT_OUTCOME_UNKNOWN
+    if args.json:
+        print(json.dumps(reply))
+    else:
+        result = reply.get("result")
+        print(result if isinstance(result, str) else
+              "ok" if result in (None, 0) else json.dumps(result, indent=2))
+    return 0
+
+
+def _parse_arg(text: str) -> tuple[str, object]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        print(f"virt-relay call: --arg wants NAME=VALUE, not {text!r}", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        return name, json.loads(value)
+    except ValueError:
+        return name, value
+
+
+def _report_failure(args, exc, text: str) -> None:
+    if args.json:
+        print(json.dumps(exc.reply or {"key": exc.key, "status": "timeout", "error": str(exc)}))
+    print(f"virt-relay: {text}", file=sys.stderr)
+
+
+def _demo(args) -> int:
+    from relay.demo import run
+
+    return run(args.state_dir, args.port, _stop_on_signals())
+
+
+def _stop_on_signals():
+    """An event set by SIGINT or SIGTERM (Ctrl-C ends a watch cleanly)."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
 
 
 def _print(args, data: dict, text: str) -> None:

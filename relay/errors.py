@@ -63,3 +63,40 @@ class LibvirtNotSupported(LibvirtError):
     """The hypervisor driver behind the connection does not implement the call."""
 
     advice = "not supported by this hypervisor driver or libvirt version; use another call"
+
+
+class ConsoleError(RelayError):
+    """A console could not do what was asked; the message says why and what to do."""
+
+
+class ConsoleBusy(ConsoleError):
+    """Another process already runs a console on this journal (one process per console id)."""
+
+
+class CommandError(ConsoleError):
+    """A command sent by a console did not succeed. ``key`` is its idempotency key: calling
+    again with the same key never runs it twice and fetches the stored reply."""
+
+    def __init__(self, message: str, key: str, reply: dict | None = None):
+        self.key = key
+        self.reply = reply
+        super().__init__(message)
+
+
+class CommandTimeout(CommandError):
+    """No reply arrived before the deadline (the host or the broker may be down)."""
+
+
+class CommandRejected(CommandError):
+    """The host answered with an error: ``reason`` says what to do, ``code`` classifies it
+    (e.g. ``no-object``, ``bad-arguments``, ``not-allowed``, ``LibvirtPermanent``)."""
+
+    def __init__(self, reason: str, code: str | None, key: str, reply: dict | None = None):
+        self.reason = reason
+        self.code = code
+        super().__init__(f"{reason} [{code}]" if code else reason, key, reply)
+
+
+class OutcomeUnknown(CommandError):
+    """The host stopped during the command and cannot tell whether it took effect: check the
+    object before trying again."""

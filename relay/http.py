@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -21,6 +23,10 @@ class StatusServer:
     ``/healthz``: 200 while the process serves requests. ``/readyz``: 200 when ``readiness``
     says ready (a degraded part, such as the broker being down, is reported in the body but does
     not make the agent unready), 503 otherwise.
+
+    Requests are answered on a thread each, but metrics and readiness are always computed on one
+    long-lived thread: collectors may read SQLite through per-thread connections (the journal's
+    readers), and a thread per scrape would open, and keep, a connection per scrape.
     """
 
     def __init__(self, listen: str, registry: CollectorRegistry, readiness: Readiness):
@@ -29,21 +35,33 @@ class StatusServer:
             address = (host or "127.0.0.1", int(port))
         except ValueError:
             raise ConfigError(f"metrics.listen must be HOST:PORT, not {listen!r}") from None
-        registry_ref, readiness_ref = registry, readiness
+        collector = self._collector = _OneThread("status-collect")
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = _CLIENT_TIMEOUT  # a client that sends nothing does not hold a thread
+
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 path = self.path.split("?")[0]
-                if path == "/metrics":
-                    self._reply(200, generate_latest(registry_ref), CONTENT_TYPE_LATEST)
-                elif path == "/healthz":
+                if path == "/healthz":
                     self._reply(200, b"ok\n", "text/plain")
-                elif path == "/readyz":
-                    ready, details = readiness_ref()
-                    self._reply(200 if ready else 503, json.dumps(details).encode() + b"\n",
-                                "application/json")
-                else:
+                    return
+                if path not in ("/metrics", "/readyz"):
                     self._reply(404, b"not found: try /metrics, /healthz or /readyz\n",
+                                "text/plain")
+                    return
+                try:
+                    if path == "/metrics":
+                        body = collector.run(lambda: generate_latest(registry))
+                        self._reply(200, body, CONTENT_TYPE_LATEST)
+                    else:
+                        ready, details = collector.run(readiness)
+                        self._reply(200 if ready else 503, json.dumps(details).encode() + b"\n",
+                                    "application/json")
+                except TimeoutError:
+                    self._reply(503, f"{path}: collecting took over {_COLLECT_TIMEOUT:.0f} s\n"
+                                .encode(), "text/plain")
+                except Exception as exc:  # a broken collector: say so rather than hang up
+                    self._reply(500, f"{path}: {type(exc).__name__}: {exc}\n".encode(),
                                 "text/plain")
 
             def _reply(self, status: int, body: bytes, content_type: str) -> None:
@@ -67,9 +85,51 @@ class StatusServer:
 
     def start(self) -> None:
         """Serve in the background."""
+        self._collector.start()
         self._thread.start()
 
     def stop(self) -> None:
         """Stop serving and close the socket."""
-        self._server.shutdown()
+        if self._thread.is_alive():
+            self._server.shutdown()
         self._server.server_close()
+        self._collector.stop()
+
+
+_CLIENT_TIMEOUT = 30.0  # seconds a client may take to send its request
+_COLLECT_TIMEOUT = 20.0  # seconds to compute /metrics or /readyz before answering 503
+
+
+class _OneThread:
+    """Runs functions, one at a time, on a single daemon thread."""
+
+    def __init__(self, name: str):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._calls.put(None)
+            self._thread.join(_COLLECT_TIMEOUT)
+
+    def run(self, func: Callable[[], Any]) -> Any:
+        """``func()``, computed on the thread; TimeoutError after ``_COLLECT_TIMEOUT``."""
+        future: Future = Future()
+        self._calls.put((func, future))
+        return future.result(_COLLECT_TIMEOUT)
+
+    def _loop(self) -> None:
+        while True:
+            call = self._calls.get()
+            if call is None:
+                return
+            func, future = call
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(func())
+            except BaseException as exc:  # handed to the waiting request
+                future.set_exception(exc)

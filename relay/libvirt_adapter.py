@@ -19,7 +19,7 @@ from typing import Any
 
 import libvirt
 
-from relay.changes import ChangeSink, ObjectKey, PublishedStates
+from relay.changes import RECONCILED, Change, ChangeSink, ObjectKey, PublishedStates
 from relay.errors import LibvirtError, LibvirtNotSupported, LibvirtPermanent, LibvirtTransient
 from relay.lanes import Lanes
 from relay.libvirt_errors import libvirt_calls
@@ -56,14 +56,17 @@ class LibvirtAdapter:
         self.disconnects = 0
         self.closed_by_libvirt = 0  # close callbacks (EOF, keepalive timeout, error)
         self.reconcile_passes = 0
+        # differences reconcile passes found, by event (added, changed, removed)
+        self.reconcile_differences: dict[str, int] = {}
         self._reconcile_interval = reconcile_interval
         self._stats_interval = stats_interval
         self._backoff = (backoff_initial, backoff_max)
         self._keepalive = (keepalive_interval, keepalive_count)
         self._liveness_interval = liveness_interval
         self._lanes = Lanes(workers, "libvirt-lane")
-        self._sync = ObjectSync(Publisher(sink, published), self._lanes, self.connection,
-                                self._suspect)
+        self._sync = ObjectSync(Publisher(_CountingSink(sink, self.reconcile_differences),
+                                          published),
+                                self._lanes, self.connection, self._suspect)
         self._conn: libvirt.virConnect | None = None
         self._node_key: ObjectKey | None = None
         self._stats = StatsReader()
@@ -269,6 +272,22 @@ class LibvirtAdapter:
             self._suspect(error)
         except LibvirtError as error:
             log.warning("%s failed: %s", what, error)
+
+
+class _CountingSink:
+    """Forwards changes to ``sink``, counting reconcile differences by event in ``counts``.
+
+    The publisher calls ``submit`` under its lock, so the counts need no lock of their own.
+    """
+
+    def __init__(self, sink: ChangeSink, counts: dict[str, int]):
+        self._sink = sink
+        self._counts = counts
+
+    def submit(self, change: Change) -> None:
+        if change.origin == RECONCILED:
+            self._counts[change.event] = self._counts.get(change.event, 0) + 1
+        self._sink.submit(change)
 
 
 def _jittered(delay: float) -> float:

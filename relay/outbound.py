@@ -5,8 +5,8 @@ At every (re)connect the undelivered outbox becomes the *backlog*; what is appen
 The backlog drains oldest first, at most ``replay_rate`` AMQP messages per second, optionally
 ``replay_batch`` consecutive entries per message. Per-object order holds because a live entry
 whose object still has unsent backlog entries is preceded by them (they are *promoted* out of the
-backlog, ahead of the rate cap: per-object order wins over the cap). This class holds no
-sockets: the proton link drives it.
+backlog; they go at once, and the rate cap takes them back by holding the rest of the backlog
+longer). This class holds no sockets: the proton link drives it.
 """
 
 from __future__ import annotations
@@ -38,13 +38,23 @@ class TokenBucket:
         """Spend one token if there is one."""
         if self.rate is None:
             return True
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-        self._last = now
+        self._refill()
         if self._tokens >= 1:
             self._tokens -= 1
             return True
         return False
+
+    def borrow(self, count: int) -> None:
+        """Spend ``count`` tokens now, going into debt if needed (repaid before ``take``
+        succeeds again), so traffic that cannot wait still counts against the rate."""
+        if self.rate is not None:
+            self._refill()
+            self._tokens -= count
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
 
     def wait_time(self) -> float:
         """Seconds until the next token."""
@@ -167,6 +177,7 @@ class OutboundStream:
                 self._promoted.add(seq)
                 self.metrics.replayed.inc()
                 out.append(self._single(promoted))
+        self._bucket.borrow(len(out))
         return out
 
     def _single(self, entry: OutboxEntry) -> wire.Outgoing:

@@ -64,6 +64,11 @@ def declare_console(admin: RabbitAdmin, addresses: Addresses, console: str) -> N
                   [(events_queue, addresses.events_exchange, "#")])
 
 
+def declare_replies(admin: RabbitAdmin, addresses: Addresses, console: str) -> None:
+    """Only ``console``'s reply queue (a console that sends commands but watches nothing)."""
+    admin.declare([], [_queue_name(addresses.replies_for(console))], [])
+
+
 def verify_host(admin: RabbitAdmin, addresses: Addresses, host: str) -> None:
     """Raise ``AddressUnroutable`` (saying how to fix it) unless ``host``'s events reach a queue.
 

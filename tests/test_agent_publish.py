@@ -45,7 +45,7 @@ def test_events_reach_every_console_queue_with_the_full_envelope(broker, tmp_pat
                                 what="the suspend event")
             wait_until(lambda: agent.journal.backlog[0] == 0, what="an empty backlog")
             for reader in readers:
-                reader.poll(0.3)
+                reader.drain()
             journal_keys = {row["key"] for row in agent.journal.entries()}
         assert readers[0].keys() == readers[1].keys() == journal_keys
         suspended = next(m for m in events_of(readers[0], uuid)
@@ -98,7 +98,7 @@ def test_broker_killed_while_events_flow_loses_nothing(broker, tmp_path, libvirt
                 "virtrelay_broker_reconnects_total") >= 1
         reader = console_reader(broker, console)
         try:
-            reader.poll(1.0)
+            reader.drain()
             assert journal_keys <= reader.keys(), f"lost: {len(journal_keys - reader.keys())}"
             duplicates = len(reader.messages) - len(reader.keys())
             assert duplicates >= 0  # wire duplicates are allowed, and detectable by key
@@ -120,8 +120,10 @@ def test_agent_refuses_to_publish_where_nothing_is_bound_and_says_how_to_fix_it(
         ready, details = agent.readiness()
         assert ready and details["status"] == "degraded"
         assert "virt-relay broker setup" in details["topology"]
-        wait_until(lambda: agent.journal.last_seq > 0, what="the first reconcile")
-        assert agent.journal.backlog[0] == agent.journal.last_seq  # kept, not sent into the void
+        assert agent.libvirt.reconcile(timeout=20), "a reconcile pass did not finish"
+        wait_until(lambda: agent.journal.backlog[0] == agent.journal.last_seq > 0,
+                   what="every change journaled and kept, not sent into the void")
+        assert agent.metrics.registry.get_sample_value("virtrelay_outbox_delivered_total") == 0
         console = unique("late")
         declare_consoles(broker.url, console, addresses=addresses)
         agent.topology.recheck()
@@ -129,7 +131,7 @@ def test_agent_refuses_to_publish_where_nothing_is_bound_and_says_how_to_fix_it(
                    what="publishing once a console queue is bound")
         reader = console_reader(broker, console)
         try:
-            reader.poll(0.5)
+            reader.drain()
             assert {row["key"] for row in agent.journal.entries()} <= reader.keys()
         finally:
             reader.close()

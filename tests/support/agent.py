@@ -73,10 +73,12 @@ class QueueReader:
         self.messages: list[wire.Incoming] = []
         self.received_at: list[float] = []
 
-    def poll(self, timeout: float = 0.2) -> int:
-        """Receive what arrives within ``timeout`` seconds of silence; return how many."""
+    def poll(self, timeout: float = 0.2, at_most: float = 0.5) -> int:
+        """Receive until ``timeout`` seconds of silence, or for ``at_most`` seconds while
+        messages keep coming; return how many arrived."""
         count = 0
-        while True:
+        give_up = time.monotonic() + max(at_most, timeout)
+        while time.monotonic() < give_up:
             try:
                 message = self.receiver.receive(timeout=timeout)
             except Exception:  # proton's Timeout: the queue is quiet
@@ -87,6 +89,14 @@ class QueueReader:
                 self.messages.append(item)
                 self.received_at.append(now)
                 count += 1
+        return count
+
+    def drain(self, quiet: float = 1.0) -> int:
+        """Receive everything until the queue stays silent for ``quiet`` seconds."""
+        total = 0
+        while (count := self.poll(quiet, at_most=5.0)):
+            total += count
+        return total
 
     def wait_for(self, predicate, timeout: float = 20.0, what: str = "messages") -> list:
         """Poll until ``predicate(messages)`` is true."""
