@@ -83,6 +83,7 @@ class TopologyGuard:
         self.ssl_context = ssl_context
         self.metrics = metrics
         self._verdicts: dict[str, bool] = {}
+        self._generation = 0  # bumped when the link lands on a broker: old verdicts are void
         self._wanted: set[str] = set()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -96,6 +97,14 @@ class TopologyGuard:
         self._stop.set()
         self._wake.set()
         self._thread.join(10)
+
+    def connected(self) -> None:
+        """The link (re)connected, maybe to another broker: declare and verify there before
+        anything is sent (called on the link's thread)."""
+        self._generation += 1
+        self._wanted.update(self._verdicts)
+        self._verdicts = {}
+        self._wake.set()
 
     def recheck(self) -> None:
         """Check the events address again now (e.g. after a console declared its queue)."""
@@ -132,7 +141,19 @@ class TopologyGuard:
             self._wake.wait(30.0 if routable and not self._wanted else 5.0)
 
     def _run_checks(self, events: str) -> None:
+        generation = self._generation
+        verdicts: dict[str, bool] = {}
         url = self._admin_url()
+        try:
+            self._check_with(url, events, verdicts)
+        finally:
+            if generation == self._generation:  # no reconnect meanwhile: still true
+                self._verdicts = {**self._verdicts, **verdicts}
+                for address, routable in verdicts.items():
+                    if routable:
+                        self._wanted.discard(address)
+
+    def _check_with(self, url: str, events: str, verdicts: dict[str, bool]) -> None:
         with RabbitAdmin(url, self.ssl_context) as admin:
             if self.config.topology.declare:
                 declare_host(admin, self.addresses, self.config.host_id)
@@ -143,13 +164,12 @@ class TopologyGuard:
                     else:
                         admin.check_route(address)
                 except AddressUnroutable as exc:
-                    self._verdicts[address] = False  # checked again next round
+                    verdicts[address] = False  # checked again next round
                     if address == events:
                         self.last_problem = str(exc)
                         log.error("not publishing: %s", exc)
                 else:
-                    self._verdicts[address] = True
-                    self._wanted.discard(address)
+                    verdicts[address] = True
                     if address == events:
                         self.last_problem = None
 
@@ -200,7 +220,8 @@ class Agent:
         self.link = BrokerLink(self.settings, self.stream,
                                self.addresses.commands_for(config.host_id),
                                self.commands.on_delivery, self.metrics,
-                               address_check=self.topology.check)
+                               address_check=self.topology.check,
+                               on_connected=self.topology.connected)
         self.status: StatusServer | None = None
         if config.metrics.listen:
             self.status = StatusServer(config.metrics.listen, self.metrics.registry,

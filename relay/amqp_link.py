@@ -113,7 +113,8 @@ class BrokerLink(MessagingHandler):
     def __init__(self, settings: BrokerSettings, stream: OutboundStream,
                  command_address: str | None,
                  on_command: Callable[[CommandDelivery], None] | None,
-                 metrics: AgentMetrics, address_check: AddressCheck | None = None):
+                 metrics: AgentMetrics, address_check: AddressCheck | None = None,
+                 on_connected: Callable[[], None] = lambda: None):
         super().__init__(prefetch=0, auto_accept=False, auto_settle=True)
         self.settings = settings
         self.stream = stream
@@ -121,6 +122,7 @@ class BrokerLink(MessagingHandler):
         self.on_command = on_command
         self.metrics = metrics
         self.address_check = address_check or (lambda address: True)
+        self.on_connected = on_connected
         self.connected = False
         self.connected_url: str | None = None
         self.last_error: str | None = None
@@ -224,6 +226,7 @@ class BrokerLink(MessagingHandler):
         self._backoff.reset()
         self.metrics.broker_connected.set(1)
         log.info("connected to broker %s", url)
+        self.on_connected()
         self.stream.restart()
         self._pump()
 

@@ -261,7 +261,8 @@ def _add_console_commands(commands) -> None:
     fleet.add_argument("--watch", action="store_true", help="redraw on every change (Ctrl-C "
                                                            "ends)")
     fleet.add_argument("--wait", type=float, default=10.0,
-                       help="seconds to catch up before showing (default 10)")
+                       help="seconds to catch up before showing (default 10; --watch shows at "
+                            "once and redraws as it catches up)")
     fleet.set_defaults(handler=_fleet)
 
     events = commands.add_parser(
@@ -338,24 +339,25 @@ def _console_setup(args):
     return args.urls or [DEFAULT_URL], _console_id(args), secret.encode() if secret else None
 
 
-def _open_console(args):
+def _open_console(args, catch_up: bool = True):
+    """A started console; with ``catch_up``, once it applied what its queue held."""
     from relay.console import Console
 
     urls, console_id, secret = _console_setup(args)
     console = Console(console_id, urls, args.state_dir / f"console-{console_id}.db",
                       secret=secret)
     console.start()
-    if not console.wait_idle(timeout=args.wait):
-        print(f"virt-relay: warning: not caught up after {args.wait:g} s (broker "
-              f"{console.link.last_error or 'unreachable or busy'}): showing what this console "
-              "knew", file=sys.stderr)
+    if catch_up and not console.wait_idle(timeout=args.wait):
+        print(f"virt-relay: warning: not caught up after {args.wait:g} s (broker: "
+              f"{console.link.last_error or 'busy, or a resync is under way'}); showing what "
+              "this console knows so far", file=sys.stderr)
     return console
 
 
 def _fleet(args) -> int:
     from relay import console_view
 
-    console = _open_console(args)
+    console = _open_console(args, catch_up=not args.watch)
     try:
         if args.json:
             def render(hosts):

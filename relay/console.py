@@ -170,7 +170,6 @@ class Console:
         self._paused = False
         self._owed_credit = 0
         self._commit_backoff = Backoff(0.5, 30.0)
-        self._last_delivery = 0.0
         self._last_prune = time.monotonic()
         self._ever_connected = False
         self._subscriptions: list[Subscription] = []
@@ -235,20 +234,35 @@ class Console:
         details["status"] = "ok" if self.connected and not self._paused else "degraded"
         return not self._stopped.is_set(), details
 
-    def wait_idle(self, quiet: float = 0.5, timeout: float = 10.0) -> bool:
-        """Wait until connected, nothing arrived for ``quiet`` seconds, everything received is
-        committed and no resync is under way; False at the ``timeout``."""
+    def wait_idle(self, quiet: float = 0.5, timeout: float = 10.0,
+                  resyncs: bool = True) -> bool:
+        """Wait until this console has applied what its queue held: for ``quiet`` seconds in a
+        row the queue had no message ready (and, with ``resyncs``, no resync was under way),
+        and nothing waits for a commit. False when that did not happen within ``timeout``
+        (the broker is unreachable, or the console cannot keep up)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                resyncing = any(v.resync is not None and v.resync.state != "failed"
-                                for v in self.fleet.hosts.values())
-            if (self.connected and not resyncing and not self._committing
-                    and not self._batch.deliveries
-                    and time.monotonic() - self._last_delivery >= quiet):
-                return True
-            time.sleep(0.05)
+        calm_since: float | None = None
+        try:
+            with self.commander.admin() as admin:
+                while (now := time.monotonic()) < deadline:
+                    calm = (self.connected and not (resyncs and self._resyncing())
+                            and admin.queue_depth(self.events_address) == 0)
+                    if not calm:
+                        calm_since = None
+                    elif calm_since is None:
+                        calm_since = now
+                    elif (now - calm_since >= quiet and not self._committing
+                          and not self._batch.deliveries):
+                        return True
+                    time.sleep(0.05)
+        except RelayError as exc:
+            log.warning("console %s cannot tell whether it caught up: %s", self.console_id, exc)
         return False
+
+    def _resyncing(self) -> bool:
+        with self._lock:
+            return any(view.resync is not None and view.resync.state != "failed"
+                       for view in self.fleet.hosts.values())
 
     # -- reading the fleet --------------------------------------------------------------------
     def hosts(self) -> dict[str, HostSnapshot]:
@@ -378,7 +392,6 @@ class Console:
             self.commander.in_background(self._declare_until_done)  # a queue went missing
 
     def _on_event(self, message: Message, delivery: Delivery) -> None:
-        self._last_delivery = time.monotonic()
         if self._paused:
             self.link.settle(delivery, accept=False, replenish=False)
             self._owed_credit += 1

@@ -24,6 +24,7 @@ from relay.amqp_link import Backoff, BrokerSettings, _Callback, _DurableTarget
 log = logging.getLogger(__name__)
 
 Outcome = Callable[[str], None]  # "accepted", "rejected", "released", or "not-sent"
+_CLOSE_TIMEOUT = 5.0  # seconds to wait for the broker to confirm a closing connection
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class ConsoleLink(MessagingHandler):
         self._senders: dict[str, Any] = {}
         self._outcomes: dict[Delivery, Outcome] = {}
         self._stopping = False
+        self._halted = False
         self._injector = EventInjector()
         self._container = Container(self)
         self._container.selectable(self._injector)
@@ -252,7 +254,7 @@ class ConsoleLink(MessagingHandler):
             self._connection.close()
             self._connection = None
         if self._stopping:
-            self._injector.close()
+            self._halt()
             return
         self.on_state(False, self.last_error)
         delay = self._backoff.next()
@@ -262,9 +264,18 @@ class ConsoleLink(MessagingHandler):
         self.schedule(delay, self._connect)
 
     def _shutdown(self) -> None:
+        """Close the connection and stop once the broker confirmed (stopping the container
+        at once would leave the socket open, and the broker would keep delivering to a
+        consumer that is gone until the heartbeat times out)."""
         self._stopping = True
-        if self._connection is not None:
-            self._connection.close()
-        else:
+        if self._connection is None:
+            self._halt()
+            return
+        self._connection.close()
+        self.schedule(_CLOSE_TIMEOUT, self._halt)
+
+    def _halt(self) -> None:
+        if not self._halted:
+            self._halted = True
             self._injector.close()
-        self._container.stop()
+            self._container.stop()

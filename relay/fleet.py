@@ -46,6 +46,7 @@ NOTICE_EPOCH = "epoch"
 NOTICE_RESYNC = "resync"
 
 _KEPT_GAP_MARKERS = 10
+_SWEEP_PATIENCE = 10  # sweep_quiet periods to wait for a host that never quiets down
 _SEP = "\x1f"
 
 ObjectKey = tuple[str, str]
@@ -522,8 +523,12 @@ class Fleet:
             return False
         if resync.events_stream_seq is not None:
             return view.stream.contiguous >= resync.events_stream_seq
-        quiet_since = max(resync.replied_at or now, view.last_applied_at)
-        return now - quiet_since >= self.sweep_quiet
+        # The host did not say where its pass ended: wait until it has been quiet for a
+        # while, or (a host that never quiets down) for much longer.
+        replied = resync.replied_at or now
+        quiet_since = max(replied, view.last_applied_at)
+        return (now - quiet_since >= self.sweep_quiet
+                or now - replied >= _SWEEP_PATIENCE * self.sweep_quiet)
 
     def _sweep(self, view: HostView, now: float) -> None:
         """The resync is complete: what it did not confirm is gone."""

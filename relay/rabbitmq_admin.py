@@ -96,6 +96,21 @@ class RabbitAdmin:
             if channel.is_open:
                 channel.close()
 
+    def queue_depth(self, address: str) -> int:
+        """Messages ready in the queue behind ``address`` (delivered but unacknowledged ones
+        are not counted); raises ``BrokerError`` when it does not exist."""
+        exchange, queue = parse_address(address)
+        if exchange:
+            raise BrokerError(f"{address} is not a queue address")
+        channel = self._connection.channel()
+        try:
+            return channel.queue_declare(queue, passive=True).method.message_count
+        except pika.exceptions.AMQPError as exc:
+            raise BrokerError(f"cannot read the depth of queue {queue}: {exc!r}") from exc
+        finally:
+            if channel.is_open:
+                channel.close()
+
     def check_route(self, address: str) -> None:
         """Raise ``AddressUnroutable`` unless a message sent to ``address`` reaches a queue.
 

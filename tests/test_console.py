@@ -55,8 +55,7 @@ def three_hosts(broker_node, tmp_path_factory):
             host.wait_ready()
         yield hosts
     finally:
-        for host in hosts:
-            host.stop()
+        AgentHost.stop_all(hosts)
 
 
 def test_two_consoles_converge_on_what_each_of_three_hosts_really_has(broker, tmp_path,
@@ -119,7 +118,7 @@ def test_a_console_killed_and_restarted_applies_every_change_exactly_once(broker
         finally:
             stop.set()
             worker.join()
-        wait_until(lambda: a.backlog() == 0, timeout=30, what="the agent's backlog to drain")
+        a.wait_drained()
         journaled = dict((key, seq) for seq, key in a.event_keys())
         expected = {key for key, seq in journaled.items() if seq > after}
         wait_until(lambda: expected <= {key for key, _ in child.applied_log()}, timeout=30,
@@ -142,7 +141,6 @@ def steal(url: str, address: str, wanted) -> wire.Incoming:
         while stolen is None:
             message = receiver.receive(timeout=10)
             items = decode(message)
-            print("STEAL", [(i.properties.get("object_id"), i.properties.get("event"), i.properties.get("kind")) for i in items])
             held.append(any(wanted(item) for item in items))
             stolen = next((item for item in items if wanted(item)), None)
         for take in held:

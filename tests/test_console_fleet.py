@@ -282,3 +282,15 @@ def test_stream_marks_merge_ranges_and_find_holes():
     stream.credits = [6]
     assert stream.resolve() == (1, 3)
     assert (stream.contiguous, stream.ranges, stream.holes()) == (10, [], [])
+
+
+def test_a_busy_host_that_never_quiets_down_is_swept_after_a_longer_wait():
+    fleet = Fleet("c1", sweep_quiet=1.0)
+    fleet.apply(message(1, object_id="gone", state=running("gone")), T0)
+    fleet.request_resync("h1", T0)
+    fleet.resync_replied("h1", fleet.hosts["h1"].resync.key, {"status": wire.OK}, T0)
+    for seq in range(2, 13):  # a change every second: never a quiet second
+        now = T0 + seq - 1.5
+        fleet.apply(message(seq, object_id="busy", state={"n": seq}), now)
+        fleet.tick(now + 0.5)
+        assert ("gone" in states(fleet)) == (now + 0.5 < T0 + 10), now - T0

@@ -52,8 +52,7 @@ def panels(board: dict) -> list[dict]:
 def test_alert_rules_pass_promtool_check():
     result = promtool("check", "rules", str(ALERTS))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"SUCCESS: {len(yaml.safe_load(ALERTS.read_text())['groups'][0]['rules'])} rules" \
-        in result.stdout
+    assert f"SUCCESS: {len(alert_rules())} rules found" in result.stdout
 
 
 def test_alert_unit_tests_pass_promtool():
@@ -102,15 +101,17 @@ def test_example_prometheus_config_is_valid(tmp_path):
     result = promtool("check", "config", str(local))
     assert result.returncode == 0, result.stdout + result.stderr
     scrape = yaml.safe_load(config)["scrape_configs"]
-    assert [job["job_name"] for job in scrape] == ["virt-relay-agent"]
-    assert all('job="virt-relay-agent"' in rule["expr"] for rule in alert_rules()
-               if "up{" in rule["expr"])
+    assert [job["job_name"] for job in scrape] == ["virt-relay-agent", "virt-relay-console"]
+    for rule in alert_rules():
+        if "up{" in rule["expr"]:
+            job = "virt-relay-console" if "Console" in rule["alert"] else "virt-relay-agent"
+            assert f'job="{job}"' in rule["expr"], rule["alert"]
 
 
-def test_three_dashboards_with_unique_uids():
+def test_four_dashboards_with_unique_uids():
     boards = dashboards()
     assert set(boards) == {"virt-relay-fleet.json", "virt-relay-host.json",
-                           "virt-relay-commands.json"}
+                           "virt-relay-commands.json", "virt-relay-console.json"}
     uids = [board["uid"] for board in boards.values()]
     assert len(set(uids)) == len(uids)
 
@@ -120,11 +121,13 @@ def test_dashboard_is_well_formed(name):
     board = dashboards()[name]
     assert board["title"].startswith("virt-relay / ") and board["schemaVersion"] >= 36
     variables = {v["name"]: v for v in board["templating"]["list"]}
-    assert set(variables) == {"datasource", "job", "host"}
+    selector = "console" if name == "virt-relay-console.json" else "host"
+    assert set(variables) == {"datasource", "job", selector}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["current"]["value"] == DATASOURCE_UID
-    host_query = variables["host"]["query"]["query"]
-    assert host_query.startswith("label_values(") and host_query.endswith(", instance)")
+    instance_query = variables[selector]["query"]["query"]
+    assert instance_query.startswith("label_values(") and instance_query.endswith(", instance)")
+    assert '{job="$job"}' in instance_query
     ids = [p["id"] for p in board["panels"]] + [
         p["id"] for row in board["panels"] if row["type"] == "row" for p in row["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
@@ -147,8 +150,8 @@ def test_dashboard_is_well_formed(name):
             assert METRIC.search(expr) or "up{" in expr, f"{title}: {expr}"
             used = set(re.findall(r"\$\{?(\w+)", expr))
             assert used <= set(variables) | BUILTIN_VARIABLES, f"{title}: {used}"
-            if "virtrelay_" in expr and "$host" not in expr:
-                raise AssertionError(f"{title}: {expr} ignores the host selection")
+            if "virtrelay_" in expr and f"${selector}" not in expr:
+                raise AssertionError(f"{title}: {expr} ignores the ${selector} selection")
 
 
 def test_provisioning_points_at_the_dashboards_and_the_data_source():

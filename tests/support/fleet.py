@@ -45,13 +45,14 @@ class AgentHost:
             settings[section] = {**settings.get(section, {}), **values}
         self.process = AgentProcess(tmp_path, settings)
 
-    def start(self) -> None:
-        self.launch()
+    def start(self, crash_at: str | None = None) -> None:
+        self.launch(crash_at)
         self.wait_ready()
 
-    def launch(self) -> None:
-        """Start the process without waiting (start several, then wait for each)."""
-        self.process.start()
+    def launch(self, crash_at: str | None = None) -> None:
+        """Start the process without waiting (start several, then wait for each); with
+        ``crash_at``, it SIGKILLs itself at that crash point (relay.faults)."""
+        self.process.start({"VIRT_RELAY_CRASH_AT": crash_at} if crash_at else None)
 
     def wait_ready(self) -> None:
         wait_until(self.ready, timeout=30, what=f"agent {self.id} ready ({self.process.log})")
@@ -68,6 +69,15 @@ class AgentHost:
     def stop(self) -> None:
         self.process.stop()
 
+    @staticmethod
+    def stop_all(hosts: list[AgentHost]) -> None:
+        """Stop several agents at once (each takes a moment to shut down)."""
+        for host in hosts:
+            if host.process.exited() is None:
+                host.process.process.terminate()
+        for host in hosts:
+            host.stop()
+
     def forget_journal(self) -> None:
         """Delete the journal (the next start opens a new epoch)."""
         for suffix in ("", "-wal", "-shm"):
@@ -80,9 +90,15 @@ class AgentHost:
             return [(row["seq"], row["key"]) for row in journal.entries()
                     if row["address"] == events]
 
-    def backlog(self) -> int:
-        with Journal(self.journal, readonly=True) as journal:
-            return journal.stats().backlog_entries
+    def wait_drained(self, timeout: float = 30.0) -> None:
+        """Wait until the broker took every journaled entry (the agent's log on failure)."""
+        def drained() -> bool:
+            with Journal(self.journal, readonly=True) as journal:
+                return journal.stats().backlog_entries == 0
+        try:
+            wait_until(drained, timeout=timeout, what=f"agent {self.id}'s backlog to drain")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.process.tail(60)}") from None
 
     def truth(self) -> dict[tuple[str, str], dict]:
         """What this host's libvirt holds now: asks the agent for a full refresh (not through
