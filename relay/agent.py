@@ -24,7 +24,7 @@ from relay.rabbitmq_admin import RabbitAdmin
 from relay.topology import Addresses, declare_host, verify_host
 
 log = logging.getLogger(__name__)
-logging.getLogger("pika").setLevel(logging.WARNING)  # pika logs every channel at INFO
+logging.getLogger("pika").setLevel(logging.CRITICAL)  # its failures reach us as exceptions
 
 
 class JournalSink:
@@ -134,6 +134,9 @@ class TopologyGuard:
             except BrokerError as exc:
                 self.last_problem = str(exc)
                 log.warning("topology check failed: %s", exc)
+            except Exception as exc:  # this thread must outlive any surprise; say what it was
+                self.last_problem = f"topology check crashed: {exc!r}"
+                log.exception("topology check crashed; retrying")
             if self._verdicts != before:
                 self.on_verdict()
             routable = self._verdicts.get(events, False)

@@ -278,6 +278,11 @@ class BrokerLink(MessagingHandler):
         condition = event.transport.condition
         self.last_error = (f"{condition.name}: {condition.description}" if condition
                            else "transport error")
+        if condition and "ssl" in f"{condition.name} {condition.description}".lower():
+            self.last_error += (" (TLS: check broker.tls.ca_file trusts the broker's "
+                                "certificate, broker.tls.cert_file/key_file are ours and "
+                                "signed by a CA the broker trusts, and the URL's host name "
+                                "matches the broker's certificate)")
         log.warning("broker transport error on %s: %s", self._attempt_url, self.last_error)
 
     def on_connection_error(self, event) -> None:

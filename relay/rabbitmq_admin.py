@@ -61,7 +61,7 @@ class RabbitAdmin:
         self.url = url
         try:
             self._connection = pika.BlockingConnection(connection_parameters(url, ssl_context))
-        except pika.exceptions.AMQPError as exc:
+        except (pika.exceptions.AMQPError, OSError) as exc:  # OSError includes TLS failures
             raise BrokerError(f"cannot reach RabbitMQ at {url} over AMQP 0-9-1: {exc!r}") from exc
 
     def close(self) -> None:
