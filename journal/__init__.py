@@ -33,6 +33,7 @@ from journal.journal import (
     OpenReport,
     OutboxEntry,
     Received,
+    StateLogRecord,
 )
 from journal.schema import DONE, EXECUTING, FAILED, RECEIVED, SCHEMA_VERSION, UNKNOWN
 
@@ -40,5 +41,5 @@ __all__ = [
     "DONE", "EXECUTING", "FAILED", "GAP_SUBJECT", "RECEIVED", "SCHEMA_VERSION", "UNCONFIRMED",
     "UNKNOWN", "Backpressure", "Entry", "Handle", "IdentityMismatch", "Journal", "JournalClosed",
     "JournalCorrupt", "JournalError", "JournalFull", "JournalIOError", "JournalStats",
-    "OpenReport", "OutboxEntry", "Received", "SchemaTooNew",
+    "OpenReport", "OutboxEntry", "Received", "SchemaTooNew", "StateLogRecord",
 ]

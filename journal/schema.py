@@ -68,7 +68,16 @@ def _v1(db: sqlite_utils.Database) -> None:
     db["objects"].create_index(["seq"])
 
 
-MIGRATIONS = [_v1]
+def _v2(db: sqlite_utils.Database) -> None:
+    """Consumer state (a console's fleet model and high-water marks) and its applied log."""
+    db["state"].create({"namespace": str, "key": str, "value": str},
+                       pk=("namespace", "key"), not_null={"value"})
+    db["state_log"].create({"id": int, "key": str, "at": float, "record": str},
+                           pk="id", not_null={"key", "at", "record"})
+    db["state_log"].create_index(["key"])
+
+
+MIGRATIONS = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -75,8 +75,9 @@ class TopologyGuard:
 
     def __init__(self, config: AgentConfig, addresses: Addresses,
                  current_url, ssl_context: ssl.SSLContext | None, metrics: AgentMetrics,
-                 on_verdict=lambda: None):
+                 on_verdict=lambda: None, credentials: tuple[str, str] | None = None):
         self.config = config
+        self.credentials = credentials
         self.on_verdict = on_verdict
         self.addresses = addresses
         self.current_url = current_url
@@ -157,7 +158,7 @@ class TopologyGuard:
                         self._wanted.discard(address)
 
     def _check_with(self, url: str, events: str, verdicts: dict[str, bool]) -> None:
-        with RabbitAdmin(url, self.ssl_context) as admin:
+        with RabbitAdmin(url, self.ssl_context, self.credentials) as admin:
             if self.config.topology.declare:
                 declare_host(admin, self.addresses, self.config.host_id)
             for address in list(self._wanted):
@@ -219,7 +220,9 @@ class Agent:
             require_signature=config.commands.require_signature)
         self.topology = TopologyGuard(config, self.addresses, lambda: self.link.connected_url,
                                       admin_ssl_context(self.settings), self.metrics,
-                                      on_verdict=self._wake_link)
+                                      on_verdict=self._wake_link,
+                                      credentials=(self.settings.user, self.settings.password
+                                                   or "") if self.settings.user else None)
         self.link = BrokerLink(self.settings, self.stream,
                                self.addresses.commands_for(config.host_id),
                                self.commands.on_delivery, self.metrics,
@@ -236,6 +239,7 @@ class Agent:
         self.metrics.backlog_entries.set_function(lambda: self.journal.backlog[0])
         self.metrics.backlog_bytes.set_function(lambda: self.journal.backlog[1])
         self.metrics.oldest_undelivered.set_function(self.journal.oldest_undelivered_age)
+        self.metrics.watch(self.journal, self.libvirt)
         count_from(self.metrics.registry, [
             ("libvirt_reconnects", "libvirt connections re-established after a loss.",
              lambda: self.libvirt.reconnects),

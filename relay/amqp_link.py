@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from proton import Delivery, Message, SSLDomain, Terminus
+from proton import SASL, Delivery, Message, SSLDomain, Terminus
 from proton.handlers import MessagingHandler
 from proton.reactor import ApplicationEvent, Container, EventInjector, LinkOption
 
@@ -278,6 +278,12 @@ class BrokerLink(MessagingHandler):
         condition = event.transport.condition
         self.last_error = (f"{condition.name}: {condition.description}" if condition
                            else "transport error")
+        outcome = event.transport.sasl().outcome if not self.connected else SASL.OK
+        if outcome not in (None, SASL.OK):
+            self.last_error += " (SASL authentication refused: check broker.user and its password)"
+        elif outcome is None and self.settings.user and "idle-timeout" in self.last_error:
+            self.last_error += (" (no answer to SASL authentication: the broker may have refused "
+                                "broker.user's credentials; check the user and its password)")
         if condition and "ssl" in f"{condition.name} {condition.description}".lower():
             self.last_error += (" (TLS: check broker.tls.ca_file trusts the broker's "
                                 "certificate, broker.tls.cert_file/key_file are ours and "

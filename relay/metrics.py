@@ -177,14 +177,8 @@ _JOURNAL_COUNTERS = ("dropped_total", "coalesced_total")
 
 
 def _journal_counters(journal: Any) -> dict[str, int]:
-    """The journal's persistent ``dropped_total`` and ``coalesced_total``.
-
-    Read from its meta table through its reader connection: ``Journal.stats()`` has them too,
-    but also counts the whole outbox (O(rows)) on each call, too slow for every scrape.
-    """
-    rows = journal._reader().execute(
-        "SELECT key, value FROM meta WHERE key IN (?, ?)", _JOURNAL_COUNTERS).fetchall()
-    found = {key: int(value) for key, value in rows}
+    """The journal's persistent ``dropped_total`` and ``coalesced_total``."""
+    found = journal.counters()
     return {key: found.get(key, 0) for key in _JOURNAL_COUNTERS}
 
 

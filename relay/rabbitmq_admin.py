@@ -35,32 +35,36 @@ def parse_address(address: str) -> tuple[str, str]:
         "/exchange/NAME[/KEY] or /topic/KEY (RabbitMQ 3.x AMQP 1.0 address format)")
 
 
-def connection_parameters(url: str, ssl_context: ssl.SSLContext | None = None
+def connection_parameters(url: str, ssl_context: ssl.SSLContext | None = None,
+                          credentials: tuple[str, str] | None = None
                           ) -> pika.ConnectionParameters:
-    """pika parameters for an ``amqp[s]://[user:pass@]host:port[/vhost]`` URL (guest by
-    default); ``amqps`` uses ``ssl_context``."""
+    """pika parameters for an ``amqp[s]://[user:pass@]host:port[/vhost]`` URL; without user
+    and password in the URL, ``credentials`` or else guest. ``amqps`` uses ``ssl_context``."""
     parts = urlsplit(url)
     ssl_options = None
     if parts.scheme == "amqps":
         ssl_options = pika.SSLOptions(ssl_context or ssl.create_default_context(),
                                       parts.hostname)
     vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
-    credentials = pika.PlainCredentials(unquote(parts.username or "guest"),
-                                        unquote(parts.password or "guest"))
+    user, password = ((unquote(parts.username), unquote(parts.password or ""))
+                      if parts.username else credentials or ("guest", "guest"))
     return pika.ConnectionParameters(
         host=parts.hostname or "127.0.0.1",
         port=parts.port or (5671 if ssl_options else 5672), virtual_host=vhost,
-        credentials=credentials, connection_attempts=1, socket_timeout=5,
+        credentials=pika.PlainCredentials(user, password), connection_attempts=1,
+        socket_timeout=5,
         blocked_connection_timeout=10, ssl_options=ssl_options)
 
 
 class RabbitAdmin:
     """One AMQP 0-9-1 connection used to declare and verify topology."""
 
-    def __init__(self, url: str, ssl_context: ssl.SSLContext | None = None):
+    def __init__(self, url: str, ssl_context: ssl.SSLContext | None = None,
+                 credentials: tuple[str, str] | None = None):
         self.url = url
         try:
-            self._connection = pika.BlockingConnection(connection_parameters(url, ssl_context))
+            self._connection = pika.BlockingConnection(
+                connection_parameters(url, ssl_context, credentials))
         except (pika.exceptions.AMQPError, OSError) as exc:  # OSError includes TLS failures
             raise BrokerError(f"cannot reach RabbitMQ at {url} over AMQP 0-9-1: {exc!r}") from exc
 

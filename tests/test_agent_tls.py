@@ -3,6 +3,7 @@ client certificate connect; a wrong CA or an unknown client certificate is refus
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -98,3 +99,28 @@ def test_a_wrong_ca_or_certificate_is_refused_with_a_clear_error(tls_broker, pki
         assert not agent.link.connected
         ready, details = agent.readiness()
         assert details["broker"] == "down" and details["broker_error"] == error
+
+
+def test_sasl_plain_with_a_password_file_and_a_wrong_password(broker, tmp_path, libvirt_conn):
+    user = unique("agent")
+    broker.ctl("add_user", user, "right-password")
+    broker.ctl("set_permissions", user, ".*", ".*", ".*")
+    console = unique("c")
+    declare_consoles(broker.url, console)
+    for attempt, (password, works) in enumerate((("right-password", True),
+                                                 ("wrong-password", False))):
+        secret = tmp_path / f"secret-{attempt}.txt"
+        secret.write_text(password + "\n")
+        config = agent_config(tmp_path, [broker.url], **{
+            "broker.sasl_mechanisms": "PLAIN", "broker.user": user,
+            "broker.password_file": str(secret)})
+        assert password not in json.dumps(config.redacted())  # never printed
+        with running_agent(config) as agent:
+            if works:
+                wait_until(lambda: agent.link.connected and agent.journal.backlog[0] == 0,
+                           timeout=30, what="an authenticated connection that publishes")
+            else:
+                error = wait_until(lambda: agent.link.last_error, timeout=30,
+                                   what="an authentication error")
+                assert "auth" in error.lower(), error
+                assert not agent.link.connected

@@ -36,8 +36,9 @@ def unique(prefix: str) -> str:
 def agent_config(tmp_path: Path, urls: list[str], host_id: str | None = None,
                  **overrides: Any) -> AgentConfig:
     """A test agent's configuration: own journal, fast reconnects, metrics on a free port."""
-    settings = {"host_id": host_id or unique("host"), "broker.urls": urls,
-                "journal.path": str(tmp_path / f"{host_id or 'agent'}-journal.db"),
+    host_id = host_id or unique("host")
+    settings = {"host_id": host_id, "broker.urls": urls,
+                "journal.path": str(tmp_path / f"{host_id}-journal.db"),
                 "metrics.listen": "127.0.0.1:0", "broker.reconnect_min": 0.1,
                 "broker.reconnect_max": 1.0, "broker.heartbeat": 2.0,
                 "libvirt.reconcile_interval": 3600.0, "libvirt.stats_interval": 3600.0}
