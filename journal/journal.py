@@ -382,22 +382,26 @@ class Journal:
                       if self.max_entries is not None else 0)
         need_bytes = (self._pending_bytes + extra_bytes + 256 - self.max_bytes
                       if self.max_bytes is not None else 0)
-        dropped: dict[str, list[tuple[int, int]]] = {}
+        dropped: dict[str, _DroppedRange] = {}
         freed_count = freed_bytes = 0
-        rows = conn.execute(
-            "SELECT seq, size, address, stream_seq FROM outbox WHERE state = 0 ORDER BY seq")
-        for seq, size, address, stream_seq in rows:
+        rows = conn.execute("SELECT seq, size, address, stream_seq, subject FROM outbox "
+                            "WHERE state = 0 ORDER BY seq")
+        for seq, size, address, stream_seq, subject in rows:
             if freed_count >= need_count and freed_bytes >= need_bytes:
                 break
             if seq in keep:
                 continue
-            dropped.setdefault(address, []).append((seq, stream_seq))
+            earlier = None
+            if subject == GAP_SUBJECT:  # a dropped marker's range joins the new marker's
+                body = conn.execute("SELECT body FROM outbox WHERE seq = ?", (seq,)).fetchone()
+                earlier = json.loads(body[0])
+            dropped.setdefault(address, _DroppedRange()).add(seq, stream_seq, earlier)
             freed_count += 1
             freed_bytes += size
         if freed_count < need_count or freed_bytes < need_bytes:
             raise Backpressure(f"entries of {extra_bytes} bytes cannot fit even in an empty "
                                f"backlog ({bound})")
-        all_seqs = [seq for pairs in dropped.values() for seq, _ in pairs]
+        all_seqs = [seq for dropped_range in dropped.values() for seq in dropped_range.seqs]
         self._remember_last_seq(conn)
         for chunk in _chunks(all_seqs):
             marks = ",".join("?" * len(chunk))
@@ -409,13 +413,10 @@ class Journal:
         log.warning("journal backlog full (%s): dropped %d oldest undelivered entries "
                     "(seq %d..%d) under policy drop-oldest", bound, freed_count,
                     min(all_seqs), max(all_seqs))
-        for address, pairs in dropped.items():
-            marker = {"first_seq": pairs[0][0], "last_seq": pairs[-1][0],
-                      "first_stream_seq": pairs[0][1], "last_stream_seq": pairs[-1][1],
-                      "count": len(pairs), "reason": "drop-oldest"}
+        for address, dropped_range in dropped.items():
             self._insert(conn, Entry(address=address, subject=GAP_SUBJECT,
                                      properties={"kind": GAP_SUBJECT},
-                                     body=json.dumps(marker).encode()))
+                                     body=json.dumps(dropped_range.marker()).encode()))
 
     def _coalesce_target(self, conn: sqlite3.Connection, coalesce_key: str) -> int | None:
         row = conn.execute("SELECT seq FROM outbox WHERE state = 0 AND coalesce_key = ?",
@@ -776,6 +777,33 @@ class Journal:
         return self._committer.run(lambda conn: conn.execute(
             "DELETE FROM state_log WHERE id <= (SELECT max(id) FROM state_log) - ?",
             (keep,)).rowcount)
+
+
+class _DroppedRange:
+    """What one gap marker reports: the dropped entries of one address, including the ranges
+    of earlier gap markers dropped with them (so no hole goes unexplained)."""
+
+    def __init__(self):
+        self.seqs: list[int] = []
+        self.count = 0
+        self.first = self.first_stream = self.last = self.last_stream = None
+
+    def add(self, seq: int, stream_seq: int, marker: dict[str, Any] | None) -> None:
+        self.seqs.append(seq)
+        first, first_stream, count = seq, stream_seq, 1
+        if marker is not None:  # the marker itself, and what it covered
+            first, first_stream = marker["first_seq"], marker["first_stream_seq"]
+            count += marker["count"]
+        self.first = first if self.first is None else min(self.first, first)
+        self.first_stream = (first_stream if self.first_stream is None
+                             else min(self.first_stream, first_stream))
+        self.last, self.last_stream = seq, stream_seq
+        self.count += count
+
+    def marker(self) -> dict[str, Any]:
+        return {"first_seq": self.first, "last_seq": self.last,
+                "first_stream_seq": self.first_stream, "last_stream_seq": self.last_stream,
+                "count": self.count, "reason": "drop-oldest"}
 
 
 class _ReadOnly:

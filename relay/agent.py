@@ -40,6 +40,7 @@ class JournalSink:
         self.wake = wake
         self._retry: set[ObjectKey] = set()
         self._lock = threading.Lock()
+        self.last_error: str | None = None  # the journal's last refusal, until an append works
 
     def submit(self, change: Change) -> None:
         """Journal ``change`` (in submission order); never blocks on fsync."""
@@ -49,9 +50,11 @@ class JournalSink:
     def _done(self, change: Change, handle) -> None:
         error = handle.exception()
         if error is None:
+            self.last_error = None
             self.metrics.appended.labels(change.origin).inc()
             self.wake()
             return
+        self.last_error = str(error)
         reason = ("backpressure" if isinstance(error, Backpressure)
                   else "disk-full" if isinstance(error, JournalFull) else "journal-error")
         if reason == "disk-full":
@@ -274,18 +277,22 @@ class Agent:
         self.journal.close()
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Ready when the journal and libvirt are usable; a down broker only degrades."""
+        """Ready when the journal can write and libvirt is up; a down broker, an unroutable
+        topology or a backlog at its bound only degrade."""
         entries, size = self.journal.backlog
+        journal_error = self.sink.last_error
         details = {
             "host": self.config.host_id, "epoch": self.journal.epoch,
-            "journal": "ok", "libvirt": "up" if self.libvirt.connected else "down",
+            "journal": journal_error or "ok",
+            "libvirt": "up" if self.libvirt.connected else "down",
             "broker": "up" if self.link.connected else "down",
             "broker_url": self.link.connected_url, "broker_error": self.link.last_error,
             "topology": self.topology.last_problem or "ok",
             "backlog_entries": entries, "backlog_bytes": size,
         }
-        ready = self.libvirt.connected
-        degraded = not self.link.connected or self.topology.last_problem is not None
+        ready = self.libvirt.connected and not (journal_error and "disk is full" in journal_error)
+        degraded = (not self.link.connected or self.topology.last_problem is not None
+                    or journal_error is not None)
         details["status"] = "not-ready" if not ready else "degraded" if degraded else "ok"
         return ready, details
 

@@ -320,6 +320,7 @@ class BrokerLink(MessagingHandler):
         was_connected = self.connected
         self.connected = False
         self.metrics.broker_connected.set(0)
+        self.metrics.replaying.set(0)
         self._senders.clear()
         self._deliveries.clear()
         self._parked.clear()

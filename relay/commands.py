@@ -18,7 +18,7 @@ from typing import Any
 
 import libvirt
 
-from journal import DONE, EXECUTING, FAILED, RECEIVED, UNKNOWN, Journal
+from journal import DONE, EXECUTING, FAILED, RECEIVED, UNKNOWN, Journal, JournalFull
 from relay import wire
 from relay.amqp_link import CommandDelivery
 from relay.errors import LibvirtError, RelayError
@@ -190,8 +190,12 @@ class CommandProcessor:
     def _finish(self, key: str, command: dict[str, Any], state: str, status: str,
                 result: Any = None, error: str | None = None, code: str | None = None) -> None:
         reply = wire.reply_entry(command, status, result=result, error=error, code=code)
-        self.journal.record_result(key, state, {"status": status, "result": result,
-                                                "error": error}, reply)
+        try:
+            self.journal.record_result(key, state, {"status": status, "result": result,
+                                                    "error": error}, reply)
+        except JournalFull:
+            self.metrics.disk_full.inc()
+            raise  # left `executing`: the next start reconciles it against libvirt
         self.metrics.commands_executed.labels(command["operation"], status).inc()
         self.wake()
 

@@ -176,6 +176,16 @@ def test_drop_oldest_appends_a_gap_marker_and_unconfirms_dropped_objects(tmp_pat
         assert journal.published_states() == {("domain", "u1"): UNCONFIRMED}
 
 
+def test_a_dropped_gap_marker_hands_its_range_on_to_the_next_one(tmp_path):
+    with Journal(tmp_path / "j.db", "h", max_entries=4, policy="drop-oldest") as journal:
+        journal.append([entry("1"), entry("2"), entry("3"), entry("4")])
+        journal.append([entry("5")])  # drops seqs 1-2; marker is seq 5, the entry seq 6
+        journal.append([entry("7"), entry("8")])  # drops seqs 3, 4 and the marker
+        [marker] = [json.loads(e.body) for e in journal.pending() if e.subject == GAP_SUBJECT]
+        assert marker == {"first_seq": 1, "last_seq": 5, "first_stream_seq": 1,
+                          "last_stream_seq": 5, "count": 5, "reason": "drop-oldest"}
+
+
 def test_byte_bound_counts_undelivered_bytes(tmp_path):
     one = entry("x" * 100)
     with Journal(tmp_path / "j.db", "h", max_bytes=one.size * 2, policy="block") as journal:
