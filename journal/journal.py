@@ -536,11 +536,15 @@ class Journal:
         """The stream seq below which every entry to ``address`` is settled (or was replaced
         by a settled entry). Consumers of that address treat a missing stream seq below it
         as lost unless a gap marker covers it."""
-        row = self._reader().execute(
-            "SELECT min(stream_seq) FROM outbox WHERE address = ? AND (state = 0 OR (state = ? "
-            "AND superseded_by IN (SELECT seq FROM outbox WHERE state = 0)))",
-            (address, COALESCED)).fetchone()
-        return row[0] if row[0] is not None else self._stream_seqs.get(address, 0) + 1
+        conn = self._reader()
+        pending = conn.execute("SELECT min(stream_seq) FROM outbox WHERE state = 0 AND "
+                               "address = ?", (address,)).fetchone()[0]
+        replaced = conn.execute(
+            "SELECT min(old.stream_seq) FROM outbox AS old JOIN outbox AS new "
+            "ON new.seq = old.superseded_by WHERE old.state = ? AND old.address = ? "
+            "AND new.state = 0", (COALESCED, address)).fetchone()[0]
+        bounds = [b for b in (pending, replaced) if b is not None]
+        return min(bounds) if bounds else self._stream_seqs.get(address, 0) + 1
 
     def prune(self, now: float | None = None) -> int:
         """Delete delivered entries and finished commands older than their retention."""

@@ -68,6 +68,9 @@ class BrokerSettings:
         return domain
 
 
+_FLUSH_INTERVAL = 0.2  # seconds between journal commits of `accepted` marks when quiet
+
+
 class Backoff:
     """Capped exponential delays with jitter (half to full of the step), reset on success."""
 
@@ -176,6 +179,13 @@ class BrokerLink(MessagingHandler):
 
     def on_start(self, event) -> None:
         self._connect()
+        self._container.schedule(_FLUSH_INTERVAL, _Callback(self._flush_marks))
+
+    def _flush_marks(self) -> None:
+        """Every ``_FLUSH_INTERVAL``: record the `accepted` outcomes gathered meanwhile."""
+        self.stream.flush()
+        if not self._stopping:
+            self._container.schedule(_FLUSH_INTERVAL, _Callback(self._flush_marks))
 
     def _connect(self) -> None:
         url = self.settings.urls[self._url_index % len(self.settings.urls)]
@@ -257,7 +267,8 @@ class BrokerLink(MessagingHandler):
         seqs = self._deliveries.pop(event.delivery, None)
         if seqs:
             self.stream.accepted(seqs)
-            self._pump()
+            if len(self._deliveries) <= self.settings.max_in_flight // 2:
+                self._pump()  # refill in large steps, not one message per outcome
 
     def on_rejected(self, event) -> None:
         seqs = self._deliveries.pop(event.delivery, None)
@@ -338,6 +349,7 @@ class BrokerLink(MessagingHandler):
 
     def _shutdown(self) -> None:
         self._stopping = True
+        self.stream.flush()
         if self._connection is not None:
             self._connection.close()
         else:
@@ -368,7 +380,7 @@ class BrokerLink(MessagingHandler):
                     self._send(outgoing)
                 else:
                     self._parked.setdefault(outgoing.address, []).append(outgoing)
-        self.stream.flush()
+        self.stream.flush(force=False)
         wait = self.stream.wait_time()
         if wait > 0 and self._pump_timer is None:
             self._pump_timer = self._container.schedule(wait, _Callback(self._timer_pump))

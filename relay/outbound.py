@@ -20,6 +20,7 @@ from relay import wire
 from relay.metrics import AgentMetrics
 
 _PAGE = 256
+_MARK_BATCH = 1000  # accepted marks per journal commit while busy
 _SETTLED_REFRESH = 0.1  # seconds between settled_below() queries (a stale value is safe)
 
 
@@ -126,7 +127,7 @@ class OutboundStream:
         return self._bucket.wait_time() if self._next_backlog() is not None else 0.0
 
     def _next_live(self) -> OutboxEntry | None:
-        if not self._live:
+        if not self._live and self.journal.last_seq > self._live_read:
             rows = list(self.journal.pending(after_seq=self._live_read, limit=_PAGE))
             if rows:
                 self._live_read = rows[-1].seq
@@ -220,8 +221,10 @@ class OutboundStream:
         self._retry.extend(entries)
         self.metrics.released.inc(len(seqs))
 
-    def flush(self) -> None:
-        """Hand the accumulated `accepted` marks to the journal without waiting for the disk."""
-        if self._to_mark:
+    def flush(self, force: bool = True) -> None:
+        """Hand the accumulated `accepted` marks to the journal without waiting for the disk;
+        unless ``force``, only once enough have gathered to be worth a commit. (A mark lost in a
+        crash only means that entry is sent again: consumers deduplicate.)"""
+        if self._to_mark and (force or len(self._to_mark) >= _MARK_BATCH):
             self.journal.mark_delivered_async(self._to_mark)
             self._to_mark = []

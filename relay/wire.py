@@ -67,8 +67,7 @@ def event_entry(change: Change, address: str) -> Entry:
     return Entry(
         address=address, subject=change.object_class, body=_dumps(body),
         properties={"kind": EVENT, "class": change.object_class,
-                    "object_id": change.object_id, "event": change.event,
-                    "origin": change.origin, "observed_at": change.observed_at},
+                    "object_id": change.object_id, "event": change.event},
         object_key=change.key,
         object_state=change.state,
         object_removed=change.state is None and change.stats is None,
