@@ -11,7 +11,7 @@ bootstrap:
 	@./scripts/bootstrap.sh
 
 run: bootstrap
-	@$(VENV)/bin/virt-relay broker start --state-dir $(RUN_DIR)/broker
+	@$(VENV)/bin/virt-relay demo --state-dir $(RUN_DIR)
 
 stop:
 	@$(VENV)/bin/virt-relay broker stop --state-dir $(RUN_DIR)/broker

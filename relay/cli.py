@@ -260,6 +260,8 @@ def _add_console_commands(commands) -> None:
                     "durable queue. Objects marked '?' await confirmation by a resync.")
     fleet.add_argument("--watch", action="store_true", help="redraw on every change (Ctrl-C "
                                                            "ends)")
+    fleet.add_argument("--metrics-listen", help="HOST:PORT to serve the console's /metrics, "
+                                                "/healthz and /readyz (with --watch)")
     fleet.add_argument("--wait", type=float, default=10.0,
                        help="seconds to catch up before showing (default 10; --watch shows at "
                             "once and redraws as it catches up)")
@@ -282,13 +284,13 @@ def _add_console_commands(commands) -> None:
     call = commands.add_parser(
         "call", parents=[common], help="run a libvirt operation on a host",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Send a command to HOST and print its reply. The command carries an "
-                    "idempotency key: it runs at most once, and calling again with the same "
-                    "--key fetches the stored reply. Exit codes: 0 ok, 4 refused or failed, "
+        description="Send a command to HOST and print its reply. The command carries an\n"
+                    "idempotency key: it runs at most once, and calling again with the same\n"
+                    "--key fetches the stored reply. Exit codes: 0 ok, 4 refused or failed,\n"
                     "5 no reply in time, 6 outcome unknown.",
         epilog="operations (virsh names in brackets):\n" + "\n".join(
-            f"  {name:<28} {op.help or ''}" + "".join(
-                f" [{alias}]" for alias, target in VIRSH_NAMES.items() if target == name)
+            f"  {name:<28} " + " ".join([op.help] * bool(op.help) + [
+                f"[{alias}]" for alias, target in VIRSH_NAMES.items() if target == name])
             for name, op in sorted(OPERATIONS.items())))
     call.add_argument("host", help="host id")
     call.add_argument("operation", help="e.g. domain.start (or its virsh name, start)")
@@ -345,7 +347,7 @@ def _open_console(args, catch_up: bool = True):
 
     urls, console_id, secret = _console_setup(args)
     console = Console(console_id, urls, args.state_dir / f"console-{console_id}.db",
-                      secret=secret)
+                      secret=secret, metrics_listen=getattr(args, "metrics_listen", None))
     console.start()
     if catch_up and not console.wait_idle(timeout=args.wait):
         print(f"virt-relay: warning: not caught up after {args.wait:g} s (broker: "

@@ -21,12 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from proton import Delivery, Message
+from proton import Message
 
 from relay import wire
 from relay.agent import admin_ssl_context
 from relay.amqp_link import BrokerSettings
-from relay.console_link import ConsoleLink, Consumer
+from relay.console_link import ConsoleLink, Consumer, Token
 from relay.console_metrics import ConsoleMetrics
 from relay.errors import (
     BrokerError,
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 _HOST_CHECK_TTL = 60.0  # seconds a host's command queue is known to exist
 _RESEND_FIRST, _RESEND_MAX = 2.0, 8.0  # re-send a command after this long without a reply
+_RESEND_UNSENT = 0.5  # seconds before sending again what the broker did not take (link down)
 _UNREACHABLE_RETRY = 30.0  # seconds before a background command checks its host again
 
 Reply = dict[str, Any]
@@ -216,16 +217,16 @@ class Commander:
         self.metrics.commands_sent.labels(call.operation).inc()
 
         def sent(outcome: str) -> None:
-            if outcome == "accepted":
+            if outcome == "accepted" or call.done.is_set() or self._stopped.is_set():
                 return
-            log.warning("command %s to %s was not taken by the broker (%s)", call.key,
-                        call.host, outcome)
-            if call.on_reply is not None and not self._stopped.is_set():
-                self.link.schedule(_RESEND_FIRST, lambda: self._send(call))
+            log.info("command %s to %s was not taken by the broker (%s); sending it again",
+                     call.key, call.host, outcome)
+            if call.deadline is None or time.time() + _RESEND_UNSENT < call.deadline:
+                self.link.schedule(_RESEND_UNSENT, lambda: self._send(call))
 
         self.link.send(self.addresses.commands_for(call.host), message, sent)
 
-    def _on_reply(self, message: Message, delivery: Delivery) -> None:
+    def _on_reply(self, message: Message, delivery: Token) -> None:
         try:
             [item] = wire.unpack(dict(message.properties or {}), message_body(message),
                                  message.content_encoding, str(message.id),
@@ -247,7 +248,7 @@ class Commander:
         else:
             log.debug("reply %s matches no waiting call (a duplicate or a late one)",
                       correlation)
-        self.link.settle(delivery)
+        self.link.settle([delivery])
 
 
 class CommandClient:

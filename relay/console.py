@@ -23,19 +23,20 @@ import queue
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from proton import Delivery, Message
+from proton import Message
 
 from journal import Journal, JournalError
 from relay import wire
 from relay.amqp_link import Backoff, BrokerSettings
 from relay.changes import STATS
 from relay.commander import Commander, message_body
-from relay.console_link import ConsoleLink, Consumer
+from relay.console_link import ConsoleLink, Consumer, Token
 from relay.console_metrics import ConsoleMetrics
 from relay.errors import ConsoleBusy, ConsoleError, RelayError
 from relay.fleet import (
@@ -67,7 +68,7 @@ _PRUNE_EVERY = 60.0
 class _Batch:
     """Deliveries waiting for the commit of what they changed, and what they did."""
 
-    deliveries: list[Delivery] = field(default_factory=list)
+    deliveries: list[Token] = field(default_factory=list)
     outcomes: list[tuple[str, str]] = field(default_factory=list)  # (outcome, kind)
 
 
@@ -163,7 +164,7 @@ class Console:
                                    secret)
         self.link = ConsoleLink(self.settings, [
             Consumer(self.events_address, self._on_event, prefetch), self.commander.consumer],
-            on_state=self._on_link_state, on_tick=self._tick)
+            on_state=self._on_link_state, on_tick=self._tick, on_idle=self._flush)
         self.commander.attach(self.link)
         self._batch = _Batch()
         self._committing = False
@@ -391,9 +392,9 @@ class Console:
                 not self._stopped.is_set()):
             self.commander.in_background(self._declare_until_done)  # a queue went missing
 
-    def _on_event(self, message: Message, delivery: Delivery) -> None:
+    def _on_event(self, message: Message, delivery: Token) -> None:
         if self._paused:
-            self.link.settle(delivery, accept=False, replenish=False)
+            self.link.settle([delivery], accept=False, replenish=False)
             self._owed_credit += 1
             return
         try:
@@ -412,8 +413,7 @@ class Console:
                         and item.body.get("origin") == STATS
                         else str(item.properties.get("kind")))
                 self._batch.outcomes.append((outcome, kind))
-        self._batch.deliveries.append(delivery)
-        self._flush()
+        self._batch.deliveries.append(delivery)  # committed once the burst is handled
 
     def _tick(self) -> None:
         now = time.time()
@@ -433,7 +433,8 @@ class Console:
     # -- committing (link thread) ---------------------------------------------------------------
     def _flush(self) -> None:
         """Commit what the model changed, then accept the deliveries that changed it. One
-        commit runs at a time; what arrives meanwhile forms the next batch."""
+        commit runs at a time; what arrives meanwhile forms the next batch. Runs when the link
+        thread has handled a burst of deliveries, after each commit and on each tick."""
         if self._committing or self._paused:
             return
         with self._lock:
@@ -465,17 +466,16 @@ class Console:
         self._flush()
 
     def _committed(self, batch: _Batch, changes: Changes) -> None:
-        for delivery in batch.deliveries:
-            self.link.settle(delivery)
-        for outcome, kind in batch.outcomes:
+        self.link.settle(batch.deliveries)
+        for (outcome, kind), count in Counter(batch.outcomes).items():
             if outcome == APPLIED:
-                self.metrics.applied.labels(kind).inc()
+                self.metrics.applied.labels(kind).inc(count)
             elif outcome == DUPLICATE:
-                self.metrics.duplicates.inc()
+                self.metrics.duplicates.inc(count)
             elif outcome == REFUSED:
-                self.metrics.refused.inc()
+                self.metrics.refused.inc(count)
             else:
-                self.metrics.stale.labels(_STALE_REASONS[outcome]).inc()
+                self.metrics.stale.labels(_STALE_REASONS[outcome]).inc(count)
         for notice in changes.notices:
             if notice.kind == NOTICE_RESYNC:
                 self.metrics.resyncs.labels(notice.details["reason"]).inc()
@@ -496,9 +496,9 @@ class Console:
         log.error("console journal commit failed (%s): releasing %d deliveries, reloading the "
                   "fleet model, pausing %.1f s", error,
                   len(batch.deliveries) + len(self._batch.deliveries), delay)
-        for delivery in [*batch.deliveries, *self._batch.deliveries]:
-            self.link.settle(delivery, accept=False, replenish=False)
-            self._owed_credit += 1
+        released = [*batch.deliveries, *self._batch.deliveries]
+        self.link.settle(released, accept=False, replenish=False)
+        self._owed_credit += len(released)
         self._batch = _Batch()
         with self._lock:
             self.fleet.load(self.journal.state("host"), self.journal.state("object"))

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,14 +28,43 @@ Outcome = Callable[[str], None]  # "accepted", "rejected", "released", or "not-s
 _CLOSE_TIMEOUT = 5.0  # seconds to wait for the broker to confirm a closing connection
 
 
+@dataclass(frozen=True, slots=True)
+class Token:
+    """A received delivery, to settle through ``ConsoleLink.settle``."""
+
+    delivery: Delivery
+    generation: int  # which connection it came on
+    address: str
+
+
 @dataclass(frozen=True)
 class Consumer:
-    """A queue to consume: ``on_message(message, delivery)`` runs on the link thread; the
-    delivery stays unsettled until ``ConsoleLink.settle``."""
+    """A queue to consume: ``on_message(message, token)`` runs on the link thread; the
+    delivery stays unsettled until ``ConsoleLink.settle``. ``credit``: deliveries it may hold
+    unsettled."""
 
     address: str
-    on_message: Callable[[Message, Delivery], None]
+    on_message: Callable[[Message, Token], None]
     credit: int
+
+
+class _Receiving(MessagingHandler):
+    """The handler of one receiver: deliveries go straight to its consumer (no per-message
+    lookups: proton builds a wrapper object for every attribute it hands out)."""
+
+    def __init__(self, owner: ConsoleLink, consumer: Consumer, generation: int):
+        super().__init__(prefetch=0, auto_accept=False, auto_settle=True)
+        self.owner, self.consumer, self.generation = owner, consumer, generation
+
+    def on_link_opened(self, event) -> None:
+        event.receiver.flow(self.consumer.credit)
+
+    def on_message(self, event) -> None:
+        self.consumer.on_message(event.message,
+                                 Token(event.delivery, self.generation, self.consumer.address))
+
+    def on_link_error(self, event) -> None:
+        self.owner.on_link_error(event)
 
 
 def connect_options(settings: BrokerSettings) -> dict[str, Any]:
@@ -54,16 +84,18 @@ def connect_options(settings: BrokerSettings) -> dict[str, Any]:
 
 class ConsoleLink(MessagingHandler):
     """One connection, its consumers and senders; ``on_state(connected, error)`` reports
-    changes; ``on_tick()`` runs every ``tick`` seconds on the link thread."""
+    changes; ``on_tick()`` runs every ``tick`` seconds on the link thread, ``on_idle()`` each
+    time it has handled every event at hand (what arrived in one read is one burst)."""
 
     def __init__(self, settings: BrokerSettings, consumers: list[Consumer],
                  on_state: Callable[[bool, str | None], None], on_tick: Callable[[], None],
-                 tick: float = 0.25):
+                 on_idle: Callable[[], None] = lambda: None, tick: float = 0.25):
         super().__init__(prefetch=0, auto_accept=False, auto_settle=True)
         self.settings = settings
         self.consumers = {c.address: c for c in consumers}
         self.on_state = on_state
         self.on_tick = on_tick
+        self.on_idle = on_idle
         self.tick = tick
         self.connected = False
         self.connected_url: str | None = None
@@ -72,6 +104,7 @@ class ConsoleLink(MessagingHandler):
         self._url_index = 0
         self._backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
         self._connection = None
+        self._generation = 0
         self._receivers: dict[str, Any] = {}
         self._senders: dict[str, Any] = {}
         self._outcomes: dict[Delivery, Outcome] = {}
@@ -90,6 +123,8 @@ class ConsoleLink(MessagingHandler):
     def stop(self, timeout: float = 10.0) -> None:
         """Close the connection and end the thread (unsettled deliveries go back to their
         queues)."""
+        if not self._thread.is_alive():
+            return
         self.call_soon(self._shutdown)
         self._thread.join(timeout)
 
@@ -103,14 +138,20 @@ class ConsoleLink(MessagingHandler):
         return threading.current_thread() is self._thread
 
     # -- link thread ----------------------------------------------------------------------------
-    def settle(self, delivery: Delivery, accept: bool = True, replenish: bool = True) -> None:
-        """Accept (or release) a delivery; ``replenish`` gives its credit back."""
-        if delivery.settled or delivery.link.connection != self._connection:
-            return  # that connection is gone: the broker delivers it again
-        delivery.update(Delivery.ACCEPTED if accept else Delivery.RELEASED)
-        delivery.settle()
+    def settle(self, tokens: Iterable[Token], accept: bool = True,
+               replenish: bool = True) -> None:
+        """Accept (or release) deliveries; ``replenish`` gives their credit back."""
+        state = Delivery.ACCEPTED if accept else Delivery.RELEASED
+        credit: Counter[str] = Counter()
+        for token in tokens:
+            if token.generation != self._generation:
+                continue  # that connection is gone: the broker delivers it again
+            token.delivery.update(state)
+            token.delivery.settle()
+            credit[token.address] += 1
         if replenish:
-            delivery.link.flow(1)
+            for address, count in credit.items():
+                self.replenish(address, count)
 
     def replenish(self, address: str, credit: int) -> None:
         """Give ``credit`` back to the consumer of ``address`` (after settling without it)."""
@@ -147,6 +188,9 @@ class ConsoleLink(MessagingHandler):
     def on_call(self, event) -> None:
         event.subject()
 
+    def on_reactor_quiesced(self, event) -> None:
+        self.on_idle()
+
     def on_start(self, event) -> None:
         self._connect()
         self._container.schedule(self.tick, _Callback(self._ticked))
@@ -164,11 +208,13 @@ class ConsoleLink(MessagingHandler):
         log.info("console connecting to broker %s", url)
         self._attempt_url = url
         self._connection = self._container.connect(url, **connect_options(self.settings))
+        self._generation += 1
         attempt = self._connection
         self.schedule(self.settings.open_timeout, lambda: self._open_timed_out(attempt))
-        for address in self.consumers:
+        for address, consumer in self.consumers.items():
             self._receivers[address] = self._container.create_receiver(
-                self._connection, address, name=f"from-{address}")
+                self._connection, address, name=f"from-{address}",
+                handler=_Receiving(self, consumer, self._generation))
 
     def _open_timed_out(self, attempt) -> None:
         if attempt == self._connection and not self.connected:
@@ -185,18 +231,6 @@ class ConsoleLink(MessagingHandler):
         self._backoff.reset()
         log.info("console connected to broker %s", self.connected_url)
         self.on_state(True, None)
-
-    def on_link_opened(self, event) -> None:
-        receiver = event.receiver
-        if receiver is not None and receiver.connection == self._connection:
-            consumer = self.consumers.get(receiver.source.address)
-            if consumer is not None:
-                receiver.flow(consumer.credit)
-
-    def on_message(self, event) -> None:
-        consumer = self.consumers.get(event.receiver.source.address)
-        if consumer is not None:
-            consumer.on_message(event.message, event.delivery)
 
     def on_accepted(self, event) -> None:
         self._outcome(event.delivery, "accepted")

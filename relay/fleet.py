@@ -15,7 +15,7 @@ plus the ranges received above it.
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from relay.changes import STATS
@@ -351,26 +351,27 @@ class Fleet:
         view.last_journaled_at = journaled_at
         view.last_applied_at = now
         self._dirty_hosts.add(host)
-        base = Notice(kind=NOTICE_EVENT, host=host, applied_at=now, key=message.message_id,
-                      epoch=epoch, seq=seq, journaled_at=journaled_at)
+        about = {"host": host, "applied_at": now, "key": message.message_id, "epoch": epoch,
+                 "seq": seq, "journaled_at": journaled_at}  # what every notice of it says
         if props["kind"] == GAP:
-            outcome = self._gap_marker(view, body, base, now)
+            outcome = self._gap_marker(view, body, about, now)
         else:
-            outcome = self._event(view, body, props, base, stream_seq)
+            outcome = self._event(view, body, props, about, stream_seq)
         if outcome == APPLIED:
             view.applied += 1
         return outcome
 
     def _event(self, view: HostView, body: dict[str, Any], props: dict[str, Any],
-               notice: Notice, stream_seq: int) -> str:
+               about: dict[str, Any], stream_seq: int) -> str:
         key = (str(body.get("class") or props.get("class")),
                str(body.get("id") or props.get("object_id")))
-        notice = replace(notice, object_class=key[0], object_id=key[1], event=body.get("event"),
-                         origin=body.get("origin"), state=body.get("state"),
-                         stats=body.get("stats"))
+        sample = body.get("origin") == STATS
+        notice = Notice(kind=NOTICE_STATS if sample else NOTICE_EVENT, object_class=key[0],
+                        object_id=key[1], event=body.get("event"), origin=body.get("origin"),
+                        state=body.get("state"), stats=body.get("stats"), **about)
         obj = view.objects.get(key)
-        seq, epoch = notice.seq or 0, view.epoch
-        if body.get("origin") == STATS:
+        seq, epoch = about["seq"], view.epoch
+        if sample:
             if obj is None:
                 outcome = IGNORED
             elif obj.stats_epoch == epoch and seq <= obj.stats_seq:
@@ -379,7 +380,6 @@ class Fleet:
                 obj.stats, obj.stats_epoch, obj.stats_seq = notice.stats, epoch, seq
                 obj.stats_at = notice.journaled_at
                 outcome = APPLIED
-                notice = replace(notice, kind=NOTICE_STATS)
         else:
             tomb = view.tombstones.get(key)
             if (obj is not None and obj.epoch == epoch and seq <= obj.seq) or (
@@ -405,7 +405,7 @@ class Fleet:
         self._record(notice, outcome)
         return outcome
 
-    def _gap_marker(self, view: HostView, body: dict[str, Any], notice: Notice,
+    def _gap_marker(self, view: HostView, body: dict[str, Any], about: dict[str, Any],
                     now: float) -> str:
         marker = {name: body.get(name) for name in (
             "first_seq", "last_seq", "first_stream_seq", "last_stream_seq", "count", "reason")}
@@ -415,7 +415,7 @@ class Fleet:
         view.gap_markers_total += 1
         view.gap_markers = [*view.gap_markers, {**marker, "epoch": view.epoch,
                                                 "applied_at": now}][-_KEPT_GAP_MARKERS:]
-        self._record(replace(notice, kind=NOTICE_GAP, details=marker), APPLIED)
+        self._record(Notice(kind=NOTICE_GAP, details=marker, **about), APPLIED)
         self._request_resync(view, RESYNC_GAP_MARKER, now)
         return APPLIED
 
@@ -585,4 +585,4 @@ def _host_snapshot(view: HostView, now: float) -> HostSnapshot:
 def _shallow(obj: Any, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
     """A dataclass's fields as a dict, without copying their values (they are replaced on
     change, never mutated, so sharing them is safe)."""
-    return {f.name: getattr(obj, f.name) for f in fields(obj) if f.name not in exclude}
+    return {name: value for name, value in vars(obj).items() if name not in exclude}

@@ -53,10 +53,11 @@ def test_events_reach_every_console_queue_with_the_full_envelope(broker, tmp_pat
         props = suspended.properties
         assert suspended.message_id == f"{config.host_id}:{props['epoch']}:{props['seq']}"
         assert props["host"] == config.host_id and props["class"] == DOMAIN
-        assert props["kind"] == "event" and props["origin"] == "live" and props["schema"] == 1
-        assert {"stream_seq", "settled_below", "observed_at", "journaled_at"} <= set(props)
+        assert props["kind"] == "event" and props["schema"] == 1 and props["event"]
+        assert {"stream_seq", "settled_below", "object_id", "journaled_at"} <= set(props)
         body = suspended.body
-        assert body["id"] == uuid and body["state"]["state"] == "paused"
+        assert body["id"] == uuid and body["origin"] == "live" and body["observed_at"]
+        assert body["state"]["state"] == "paused"
         assert body["state"]["name"] == domain.name()
         per_object = [m.properties["seq"] for m in events_of(readers[0], uuid)]
         assert per_object == sorted(per_object)

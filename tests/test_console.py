@@ -4,6 +4,7 @@ markers, a host whose journal was replaced."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 from collections import Counter
@@ -93,7 +94,7 @@ def test_a_console_killed_and_restarted_applies_every_change_exactly_once(broker
     a = three_hosts[0]
     name = Scratch.name("churn")
     child = ConsoleProcess(tmp_path, broker.url, unique("killed"))
-    with running_console(tmp_path, broker.url) as driver:
+    with running_console(tmp_path, broker.url) as driver, contextlib.closing(child):
         driver.call(a.id, "domain.define", args={"xml": domain_xml(name)})
         driver.call(a.id, "domain.start", name)
         child.start()
@@ -118,7 +119,7 @@ def test_a_console_killed_and_restarted_applies_every_change_exactly_once(broker
         finally:
             stop.set()
             worker.join()
-        a.wait_drained()
+        a.wait_delivered(after_seq=after)
         journaled = dict((key, seq) for seq, key in a.event_keys())
         expected = {key for key, seq in journaled.items() if seq > after}
         wait_until(lambda: expected <= {key for key, _ in child.applied_log()}, timeout=30,
@@ -171,10 +172,11 @@ def test_a_message_lost_on_the_way_is_detected_as_a_gap_and_resynced(broker, tmp
 
             def gap_detected() -> bool:  # later changes say the lost one was settled
                 driver.call(b.id, next(toggle), other)
-                return metric(console, "gaps_total") >= 1
+                return (metric(console, "gaps_total") >= 1
+                        and metric(console, "resyncs_total", reason="gap") >= 1)
 
-            wait_until(gap_detected, timeout=30, interval=0.2, what="the gap to be detected")
-            assert metric(console, "resyncs_total", reason="gap") >= 1
+            wait_until(gap_detected, timeout=30, interval=0.2,
+                       what="the gap to be detected and a resync asked for")
             assert console.host(b.id).missing_total >= 1
             assert_converges([console], b)
             assert view(console, b.id)[("domain", uuid)]["state"] == "paused"
@@ -231,9 +233,13 @@ def test_a_host_with_a_new_journal_converges_without_losing_its_objects_on_the_w
                                                         reason="epoch") >= 1
             gone = set(before) - set(after)
             assert {s.get("name") for k, s in before.items() if k in gone} == {ephemeral}
-            removed = {(n.object_class, n.object_id) for n in swept
-                       if n.kind == NOTICE_SWEPT or n.state is None}
-            assert removed == gone  # objects that still exist were never dropped on the way
+
+            def removed() -> set:  # subscribers hear of a change once it is committed
+                return {(n.object_class, n.object_id) for n in list(swept)
+                        if n.kind == NOTICE_SWEPT or n.state is None}
+
+            wait_until(lambda: removed() == gone, timeout=10, what="the sweep's notices")
             assert metric(console, "swept_objects_total") == len(gone)
+            assert removed() == gone  # objects that still exist were never dropped on the way
     finally:
         host.stop()

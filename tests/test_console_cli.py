@@ -48,6 +48,7 @@ def domain_state(cli, host: AgentHost, name: str) -> str | None:
 
 
 def test_call_by_virsh_name_with_arguments_keys_and_refusals(cli, host):
+    fleet(cli)  # the console's queue exists from now on: it will see what the calls change
     name = Scratch.name("cli")
     xml = DOMAIN_XML.format(name=name, memory=65536, vcpus=1, devices="")
     code, out, err = cli("call", host.id, "define", "--arg", f"xml={xml}")

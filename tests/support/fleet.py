@@ -90,15 +90,23 @@ class AgentHost:
             return [(row["seq"], row["key"]) for row in journal.entries()
                     if row["address"] == events]
 
-    def wait_drained(self, timeout: float = 30.0) -> None:
-        """Wait until the broker took every journaled entry (the agent's log on failure)."""
-        def drained() -> bool:
+    def wait_delivered(self, after_seq: int = 0, timeout: float = 30.0) -> None:
+        """Wait until the broker took every entry journaled after ``after_seq`` (the agent's
+        log on failure)."""
+        def delivered() -> bool:
             with Journal(self.journal, readonly=True) as journal:
-                return journal.stats().backlog_entries == 0
+                return next(journal.pending(after_seq=after_seq, limit=1), None) is None
         try:
-            wait_until(drained, timeout=timeout, what=f"agent {self.id}'s backlog to drain")
+            wait_until(delivered, timeout=timeout,
+                       what=f"agent {self.id} to deliver its entries after seq {after_seq}")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{self.process.tail(60)}") from None
+            raise AssertionError(f"{exc}\n{self.log_tail()}") from None
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The agent's last log lines, without proton's and pika's debug chatter."""
+        text = self.process.log.read_text(errors="replace").splitlines()
+        return "\n".join([line for line in text
+                          if " DEBUG proton" not in line and " DEBUG pika" not in line][-lines:])
 
     def truth(self) -> dict[tuple[str, str], dict]:
         """What this host's libvirt holds now: asks the agent for a full refresh (not through
@@ -180,6 +188,11 @@ class ConsoleProcess:
             self.process.terminate()
             self.process.wait(20)
         assert self.process.returncode in (0, -9), self.out.read_text()[-3000:]
+
+    def close(self) -> None:
+        """Kill the process if it still runs (a failed test must not leave it behind)."""
+        if self.process and self.process.poll() is None:
+            self.kill()
 
     def applied_log(self) -> list[tuple[str, dict]]:
         """(key, record) of everything this console consumed, from its journal."""
