@@ -271,8 +271,9 @@ class Journal:
         streams = dict(conn.execute("SELECT address, last_stream_seq FROM streams").fetchall())
         for address, last in conn.execute(
                 "SELECT address, max(stream_seq) FROM outbox GROUP BY address").fetchall():
-            streams[address] = max(last, streams.get(address, 0))
+            streams[address] = max(last or 0, streams.get(address, 0))
         self._stream_seqs = streams
+        self._committed = (self._last_seq, dict(streams))
 
     def _snapshot(self) -> tuple:
         return (self._last_seq, self._pending_count, self._pending_bytes,
@@ -297,6 +298,8 @@ class Journal:
         conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + ? WHERE key = ?", (by, key))
 
     def _observe_batch(self, size: int, seconds: float) -> None:
+        # runs right after COMMIT, before the next leader starts: exactly what is on disk
+        self._committed = (self._last_seq, dict(self._stream_seqs))
         for observer in self.batch_observers:
             observer(size, seconds)
 
@@ -436,7 +439,10 @@ class Journal:
             self._pending_bytes -= old_size
             self._bump_meta(conn, "coalesced_total", 1)
         object_class, object_id = entry.object_key or (None, None)
-        stream_seq = self._stream_seqs.get(entry.address, 0) + 1
+        stream_seq = None
+        if entry.coalesce_key is None:  # coalescable samples are outside the dense stream
+            stream_seq = self._stream_seqs.get(entry.address, 0) + 1
+            self._stream_seqs[entry.address] = stream_seq
         conn.execute(
             "INSERT INTO outbox (seq, key, address, subject, properties, body, size, created_at, "
             "state, object_class, object_id, coalesce_key, replaces, stream_seq) "
@@ -444,7 +450,6 @@ class Journal:
             (seq, self.key_for(seq), entry.address, entry.subject, entry.encoded_properties,
              entry.body, entry.size, entry.created_at, object_class, object_id,
              entry.coalesce_key, replaces, stream_seq))
-        self._stream_seqs[entry.address] = stream_seq
         self._last_seq = seq
         self._pending_count += 1
         self._pending_bytes += entry.size
@@ -533,18 +538,15 @@ class Journal:
         self._committer.run(request)
 
     def settled_below(self, address: str) -> int:
-        """The stream seq below which every entry to ``address`` is settled (or was replaced
-        by a settled entry). Consumers of that address treat a missing stream seq below it
-        as lost unless a gap marker covers it."""
-        conn = self._reader()
-        pending = conn.execute("SELECT min(stream_seq) FROM outbox WHERE state = 0 AND "
-                               "address = ?", (address,)).fetchone()[0]
-        replaced = conn.execute(
-            "SELECT min(old.stream_seq) FROM outbox AS old JOIN outbox AS new "
-            "ON new.seq = old.superseded_by WHERE old.state = ? AND old.address = ? "
-            "AND new.state = 0", (COALESCED, address)).fetchone()[0]
-        bounds = [b for b in (pending, replaced) if b is not None]
-        return min(bounds) if bounds else self._stream_seqs.get(address, 0) + 1
+        """The stream seq below which every entry to ``address`` is settled. Consumers of that
+        address treat a missing stream seq below it as lost unless a gap marker covers it.
+        (Coalescable entries have no stream seq: a replaced sample is no loss.)"""
+        pending = self._reader().execute(
+            "SELECT min(stream_seq) FROM outbox WHERE state = 0 AND address = ?",
+            (address,)).fetchone()[0]
+        if pending is not None:
+            return pending
+        return self._committed[1].get(address, 0) + 1
 
     def prune(self, now: float | None = None) -> int:
         """Delete delivered entries and finished commands older than their retention."""
@@ -647,6 +649,11 @@ class Journal:
         return {(cls, oid): (UNCONFIRMED if dirty else json.loads(state))
                 for cls, oid, state, dirty in rows}
 
+    def stream_position(self, address: str) -> int:
+        """The last stream seq given to ``address``, once every append queued before this
+        call is durable (so it counts them)."""
+        return self._committer.run(lambda conn: self._stream_seqs.get(address, 0))
+
     def unconfirm_objects(self) -> int:
         """Mark every published object unconfirmed, so the next reconcile publishes all of them
         again (a consumer's full resync). Returns how many objects that concerns."""
@@ -695,8 +702,13 @@ class Journal:
 
     @property
     def last_seq(self) -> int:
-        """The highest seq ever assigned in this epoch."""
+        """The highest seq ever assigned in this epoch (possibly not yet committed)."""
         return self._last_seq
+
+    @property
+    def committed_last_seq(self) -> int:
+        """The highest seq committed: every entry up to it is readable (or was pruned)."""
+        return self._committed[0]
 
     def integrity_check(self) -> list[str]:
         """Run SQLite's full ``integrity_check``; return the problems (empty when sound)."""
@@ -792,16 +804,21 @@ class _DroppedRange:
         self.count = 0
         self.first = self.first_stream = self.last = self.last_stream = None
 
-    def add(self, seq: int, stream_seq: int, marker: dict[str, Any] | None) -> None:
+    def add(self, seq: int, stream_seq: int | None, marker: dict[str, Any] | None) -> None:
+        """One more dropped entry (``stream_seq`` None for a coalescable sample)."""
         self.seqs.append(seq)
         first, first_stream, count = seq, stream_seq, 1
         if marker is not None:  # the marker itself, and what it covered
-            first, first_stream = marker["first_seq"], marker["first_stream_seq"]
+            first = marker["first_seq"]
+            first_stream = marker["first_stream_seq"] or stream_seq
             count += marker["count"]
         self.first = first if self.first is None else min(self.first, first)
-        self.first_stream = (first_stream if self.first_stream is None
-                             else min(self.first_stream, first_stream))
-        self.last, self.last_stream = seq, stream_seq
+        if first_stream is not None:
+            self.first_stream = (first_stream if self.first_stream is None
+                                 else min(self.first_stream, first_stream))
+        if stream_seq is not None:
+            self.last_stream = stream_seq
+        self.last = seq
         self.count += count
 
     def marker(self) -> dict[str, Any]:

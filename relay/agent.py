@@ -11,19 +11,21 @@ from typing import Any
 
 from journal import Backpressure, Journal, JournalFull
 from relay import wire
-from relay.amqp_link import BrokerLink, BrokerSettings
+from relay.amqp_link import BrokerLink
 from relay.changes import Change, ObjectKey
 from relay.commands import CommandProcessor
 from relay.config import AgentConfig, read_secret
-from relay.errors import AddressUnroutable, BrokerError
+from relay.errors import AddressUnroutable, BrokerError, LibvirtTransient
 from relay.http import StatusServer
 from relay.libvirt_adapter import LibvirtAdapter
 from relay.metrics import AgentMetrics, count_from
 from relay.outbound import OutboundStream
-from relay.rabbitmq_admin import RabbitAdmin
+from relay.proton_link import BrokerSettings
+from relay.rabbitmq_admin import RabbitAdmin, admin_ssl_context
 from relay.topology import Addresses, declare_host, verify_host
 
 log = logging.getLogger(__name__)
+_REFRESH_TIMEOUT = 120.0  # seconds a node.refresh waits for its reconcile pass
 logging.getLogger("pika").setLevel(logging.CRITICAL)  # its failures reach us as exceptions
 
 
@@ -275,6 +277,8 @@ class Agent:
         if self.status:
             self.status.stop()
         self.journal.close()
+        log.info("agent %s stopped; %d entries wait in the journal for the next start",
+                 self.config.host_id, self.journal.backlog[0])
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready when the journal can write and libvirt is up; a down broker, an unroutable
@@ -303,11 +307,17 @@ class Agent:
     def _settle(self, delivery, accept: bool) -> None:
         self.link.settle_command(delivery, accept)
 
-    def _refresh(self, full: bool) -> None:
-        """A console asked for a resync: ``full`` republishes every object."""
+    def _refresh(self, full: bool) -> dict[str, int]:
+        """A console asked for a resync (``full`` republishes every object): reconcile, wait
+        for the pass, and tell where in the events stream it ended, so the console knows when
+        it has seen all of it."""
         if full:
             self.journal.unconfirm_objects()
-        self.libvirt.reconcile(timeout=0)
+        if not self.libvirt.reconcile(timeout=_REFRESH_TIMEOUT):
+            raise LibvirtTransient(f"the reconcile pass did not finish within "
+                                   f"{_REFRESH_TIMEOUT:.0f} s; retry node.refresh")
+        return {"events_stream_seq": self.journal.stream_position(
+            self.addresses.events_for(self.config.host_id))}
 
     def _libvirt_state(self, connected: bool) -> None:
         self.metrics.libvirt_connected.set(1 if connected else 0)
@@ -344,14 +354,3 @@ def broker_settings(config: AgentConfig) -> BrokerSettings:
         verify_hostname=tls.verify_hostname, sasl_mechanisms=broker.sasl_mechanisms or None,
         user=broker.user or None,
         password=read_secret(broker.password_file, broker.password_env, "broker password"))
-
-
-def admin_ssl_context(settings: BrokerSettings) -> ssl.SSLContext | None:
-    """The same trust and client certificate for the AMQP 0-9-1 topology connection."""
-    if not settings.uses_tls:
-        return None
-    context = ssl.create_default_context(cafile=settings.ca_file)
-    context.check_hostname = settings.verify_hostname
-    if settings.cert_file:
-        context.load_cert_chain(settings.cert_file, settings.key_file, settings.key_password)
-    return context

@@ -24,8 +24,6 @@ from typing import Any
 from proton import Message
 
 from relay import wire
-from relay.agent import admin_ssl_context
-from relay.amqp_link import BrokerSettings
 from relay.console_link import ConsoleLink, Consumer, Token
 from relay.console_metrics import ConsoleMetrics
 from relay.errors import (
@@ -36,7 +34,8 @@ from relay.errors import (
     OutcomeUnknown,
 )
 from relay.operations import resolve
-from relay.rabbitmq_admin import RabbitAdmin
+from relay.proton_link import BrokerSettings
+from relay.rabbitmq_admin import RabbitAdmin, admin_ssl_context
 from relay.topology import Addresses, declare_replies
 
 log = logging.getLogger(__name__)

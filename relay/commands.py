@@ -38,7 +38,7 @@ class CommandProcessor:
 
     def __init__(self, journal: Journal, connection: Callable[[], libvirt.virConnect],
                  settle: Settle, wake: Callable[[], None], metrics: AgentMetrics,
-                 on_refresh: Callable[[bool], None], workers: int = 4,
+                 on_refresh: Callable[[bool], Any], workers: int = 4,
                  allow: list[str] | None = None, secret: bytes | None = None,
                  require_signature: bool = False):
         self.journal = journal
@@ -153,7 +153,7 @@ class CommandProcessor:
                 result = operation.run(conn, target, command["args"])
             crash_point("command.after-effect")
             if operation.name == "node.refresh":
-                self.on_refresh(bool(command["args"].get("full", False)))
+                result = self.on_refresh(bool(command["args"].get("full", False)))
             self._finish(key, command, DONE, wire.OK, result=result)
         except wire.InvalidCommand as invalid:
             self._finish(key, command, FAILED, wire.ERROR, error=invalid.reason,

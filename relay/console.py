@@ -33,7 +33,6 @@ from proton import Message
 
 from journal import Journal, JournalError
 from relay import wire
-from relay.amqp_link import Backoff, BrokerSettings
 from relay.changes import STATS
 from relay.commander import Commander, message_body
 from relay.console_link import ConsoleLink, Consumer, Token
@@ -56,6 +55,7 @@ from relay.fleet import (
     ObjectSnapshot,
 )
 from relay.http import StatusServer
+from relay.proton_link import Backoff, BrokerSettings
 from relay.topology import Addresses, declare_console
 
 log = logging.getLogger(__name__)
@@ -419,12 +419,11 @@ class Console:
         now = time.time()
         with self._lock:
             gaps = self.fleet.tick(now)
-        for host, (explained, unexplained) in gaps.items():
-            if unexplained:
-                self.metrics.gaps.inc(unexplained)
-                log.warning("host %s: %d events were lost on the way (%d more were replaced "
-                            "statistics samples); asking it for a resync", host, unexplained,
-                            explained)
+        for host, lost in gaps.items():
+            if lost:
+                self.metrics.gaps.inc(lost)
+                log.warning("host %s: %d events were lost on the way; asking it for a resync",
+                            host, lost)
         self._flush()
         if time.monotonic() - self._last_prune > _PRUNE_EVERY and not self._stopped.is_set():
             self._last_prune = time.monotonic()

@@ -58,15 +58,13 @@ class Stream:
 
     ``contiguous``: every stream seq up to it is received or accounted for. ``ranges``: sorted,
     disjoint [first, last] received above it. ``horizon``: the highest ``settled_below`` seen
-    (every stream seq below it left the host, so a missing one is late or lost). ``credits``:
-    stream seqs of statistics samples that replaced an unsent one (each explains one missing
-    stream seq below it).
+    (every stream seq below it left the host, so a missing one is late or lost). Statistics
+    samples have no stream seq: the host coalesces them, and a replaced sample is no loss.
     """
 
     contiguous: int = 0
     ranges: list[list[int]] = field(default_factory=list)
     horizon: int = 1
-    credits: list[int] = field(default_factory=list)
     hole_since: float | None = None  # when the current holes were first seen (not persisted)
 
     def seen(self, stream_seq: int) -> bool:
@@ -89,7 +87,6 @@ class Stream:
         while merged and merged[0][0] <= self.contiguous + 1:
             self.contiguous = max(self.contiguous, merged.pop(0)[1])
         self.ranges = merged
-        self.credits = [c for c in self.credits if c > self.contiguous]
 
     def holes(self) -> list[tuple[int, int]]:
         """Missing stream seqs below the horizon, as (first, last) ranges."""
@@ -103,25 +100,18 @@ class Stream:
                 break
         return holes
 
-    def resolve(self) -> tuple[int, int]:
-        """Account for every hole; return (explained by a replaced sample, unexplained)."""
-        explained = unexplained = 0
-        credits = sorted(self.credits)
+    def resolve(self) -> int:
+        """Give up waiting for every hole; return how many stream seqs were lost."""
+        lost = 0
         for first, last in self.holes():
-            usable = [c for c in credits if c > first][:last - first + 1]
-            for credit in usable:
-                credits.remove(credit)
-            explained += len(usable)
-            unexplained += last - first + 1 - len(usable)
+            lost += last - first + 1
             self.add(first, last)
-        self.credits = [c for c in credits if c > self.contiguous]
         self.hole_since = None
-        return explained, unexplained
+        return lost
 
     def as_json(self) -> dict[str, Any]:
         """The persisted form."""
-        return {"contiguous": self.contiguous, "ranges": self.ranges, "horizon": self.horizon,
-                "credits": self.credits}
+        return {"contiguous": self.contiguous, "ranges": self.ranges, "horizon": self.horizon}
 
 
 @dataclass
@@ -326,12 +316,15 @@ class Fleet:
             return REFUSED
         try:
             host, epoch = str(props["host"]), str(props["epoch"])
-            seq, stream_seq = int(props["seq"]), int(props["stream_seq"])
+            seq = int(props["seq"])
+            stream_seq = None if props.get("stream_seq") is None else int(props["stream_seq"])
             settled_below = int(props.get("settled_below") or 0)
             journaled_at = float(props.get("journaled_at") or now)
             body = message.body if isinstance(message.body, dict) else {}
         except (KeyError, TypeError, ValueError):
             return REFUSED
+        if stream_seq is None and body.get("origin") != STATS:
+            return REFUSED  # only statistics samples travel outside the dense stream
         view = self.hosts.get(host)
         if view is None:
             view = self.hosts[host] = HostView(host, epoch, journaled_at)
@@ -341,12 +334,11 @@ class Fleet:
                 return STALE_EPOCH
             self._new_epoch(view, epoch, journaled_at, settled_below, now)
         stream = view.stream
-        if stream.seen(stream_seq):
-            return DUPLICATE
-        stream.add(stream_seq)
+        if stream_seq is not None:  # statistics samples have none: their seq decides
+            if stream.seen(stream_seq):
+                return DUPLICATE
+            stream.add(stream_seq)
         stream.horizon = max(stream.horizon, settled_below)
-        if props.get("replaces") is not None:
-            stream.credits.append(stream_seq)
         view.epoch_first_at = min(view.epoch_first_at, journaled_at)
         view.last_journaled_at = journaled_at
         view.last_applied_at = now
@@ -489,11 +481,11 @@ class Fleet:
         self._dirty_hosts.add(host)
         return True
 
-    def tick(self, now: float) -> dict[str, tuple[int, int]]:
+    def tick(self, now: float) -> dict[str, int]:
         """Decide what time settles: holes older than the grace period become gaps (and
         resyncs), finished resyncs sweep what they did not confirm. Returns, per host with
-        gaps, (stream seqs explained by replaced samples, unexplained)."""
-        gaps: dict[str, tuple[int, int]] = {}
+        gaps, how many stream seqs were lost."""
+        gaps: dict[str, int] = {}
         for view in self.hosts.values():
             stream = view.stream
             holes = stream.holes()
@@ -502,11 +494,11 @@ class Fleet:
             elif stream.hole_since is None:
                 stream.hole_since = now
             elif now - stream.hole_since >= self.gap_grace:
-                explained, unexplained = stream.resolve()
-                gaps[view.host] = (explained, unexplained)
+                lost = stream.resolve()
+                gaps[view.host] = lost
                 self._dirty_hosts.add(view.host)
-                if unexplained:
-                    view.missing_total += unexplained
+                if lost:
+                    view.missing_total += lost
                     self._request_resync(view, RESYNC_GAP, now)
                 holes = []
             pruned = {k: v for k, v in view.tombstones.items() if v[1] > stream.contiguous}

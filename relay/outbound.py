@@ -82,7 +82,7 @@ class OutboundStream:
 
     def restart(self) -> None:
         """Forget everything in flight: the link is (re)connecting; all undelivered is backlog."""
-        self.boundary = self.journal.last_seq
+        self.boundary = self.journal.committed_last_seq  # later seqs may not be readable yet
         self._backlog: deque[OutboxEntry] = deque()
         self._backlog_read = 0  # highest seq read into the backlog buffer
         self._backlog_sent = 0  # every backlog seq up to here is sent (or was promoted)

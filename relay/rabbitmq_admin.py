@@ -16,6 +16,7 @@ import pika
 import pika.exceptions
 
 from relay.errors import AddressUnroutable, BrokerError
+from relay.proton_link import BrokerSettings
 from relay.wire import PROBE_MESSAGE_ID
 
 
@@ -148,3 +149,14 @@ class RabbitAdmin:
         finally:
             if channel.is_open:
                 channel.close()
+
+
+def admin_ssl_context(settings: BrokerSettings) -> ssl.SSLContext | None:
+    """The same trust and client certificate for the AMQP 0-9-1 topology connection."""
+    if not settings.uses_tls:
+        return None
+    context = ssl.create_default_context(cafile=settings.ca_file)
+    context.check_hostname = settings.verify_hostname
+    if settings.cert_file:
+        context.load_cert_chain(settings.cert_file, settings.key_file, settings.key_password)
+    return context

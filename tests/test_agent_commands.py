@@ -171,3 +171,24 @@ def test_every_malformed_command_gets_a_reason_a_counter_and_the_agent_keeps_goi
                      body=_signed(good, "node.refresh", None, console.reply_to))
         assert wait_reply(console, good)[0].body["status"] == wire.OK
         assert agent.journal.integrity_check() == []
+
+
+def test_a_full_refresh_republishes_everything_and_says_where_its_pass_ended(
+        broker, tmp_path, libvirt_conn, console):
+    config = agent_config(tmp_path, [broker.url])
+    with running_agent(config) as agent:
+        assert agent.libvirt.reconcile(timeout=20)
+        wait_until(lambda: agent.journal.backlog[0] == 0 or not agent.link.connected,
+                   what="the first pass journaled")
+        objects = len(agent.journal.published_states())
+        before = agent.journal.last_seq
+        key = send_command(broker.url, config.host_id, "node.refresh", None, console.reply_to,
+                           args={"full": True})
+        [reply] = wait_reply(console, key)
+        assert reply.body["status"] == wire.OK
+        position = reply.body["result"]["events_stream_seq"]
+        events = [row for row in agent.journal.entries(after_seq=before)
+                  if row["address"] == agent.addresses.events_for(config.host_id)
+                  and row["stream_seq"] is not None]
+        assert len(events) >= objects  # every object published again
+        assert position == max(row["stream_seq"] for row in events)

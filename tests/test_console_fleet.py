@@ -129,7 +129,7 @@ def test_a_missing_stream_seq_below_settled_below_becomes_a_gap_after_the_grace(
     fleet.apply(message(3, settled_below=3, object_id="x", state=running("x")), T0)
     assert fleet.tick(T0) == {}  # seen missing now
     assert fleet.tick(T0 + 1.9) == {}
-    assert fleet.tick(T0 + 2.0) == {"h1": (0, 1)}
+    assert fleet.tick(T0 + 2.0) == {"h1": 1}
     host = fleet.hosts["h1"]
     assert host.missing_total == 1 and host.resync.reason == RESYNC_GAP
     assert fleet.take().resyncs == [("h1", host.resync.key)]
@@ -154,15 +154,16 @@ def test_a_missing_seq_above_settled_below_is_only_in_flight():
     assert fleet.tick(T0 + 10) == {} and fleet.hosts["h1"].resync is None
 
 
-def test_a_replaced_statistics_sample_explains_its_missing_stream_seq():
+def test_a_statistics_sample_has_no_stream_seq_and_is_never_waited_for():
     fleet = Fleet("c1", gap_grace=0.0)
     fleet.apply(message(1, state=running()), T0)
-    # seq 2 (a sample) was replaced by seq 3 before it was sent: stream seq 2 never travels
-    sample = message(3, settled_below=3, origin="stats", event="stats", stats={"cpu": 1},
+    # a sample replaced before it was sent leaves no hole: samples are outside the stream
+    sample = message(3, settled_below=2, origin="stats", event="stats", stats={"cpu": 1},
                      replaces=2)
+    del sample.properties["stream_seq"]
     assert fleet.apply(sample, T0) == APPLIED
     fleet.tick(T0)
-    assert fleet.tick(T0 + 1) == {"h1": (1, 0)}
+    assert fleet.tick(T0 + 1) == {}
     assert fleet.hosts["h1"].resync is None
     assert fleet.hosts["h1"].objects[("domain", "d1")].stats == {"cpu": 1}
 
@@ -279,8 +280,7 @@ def test_stream_marks_merge_ranges_and_find_holes():
     stream.horizon = 11
     assert stream.holes() == [(3, 4), (8, 8), (10, 10)]
     assert stream.seen(6) and not stream.seen(8)
-    stream.credits = [6]
-    assert stream.resolve() == (1, 3)
+    assert stream.resolve() == 4
     assert (stream.contiguous, stream.ranges, stream.holes()) == (10, [], [])
 
 

@@ -23,8 +23,8 @@ entries_strategy = st.lists(
 
 
 class JournalModel(RuleBasedStateMachine):
-    """The model: an ordered dict of undelivered seq -> (body, coalesce key), plus the replaced
-    (coalesced) seqs and what replaced them."""
+    """The model: an ordered dict of undelivered seq -> (body, coalesce key), and the stream
+    seq of each (dense over entries that do not coalesce; None for samples)."""
 
     def __init__(self):
         super().__init__()
@@ -32,7 +32,8 @@ class JournalModel(RuleBasedStateMachine):
         self.path = Path(self.dir.name, "j.db")
         self.journal = self._open("model-host")
         self.pending: dict[int, tuple[str, str | None]] = {}
-        self.replaced_by: dict[int, int] = {}
+        self.stream_of: dict[int, int | None] = {}
+        self.last_stream = 0
         self.last_seq = 0
         self.dropped = 0
 
@@ -67,16 +68,18 @@ class JournalModel(RuleBasedStateMachine):
                 del self.pending[seq]
             self.dropped += len(dropped)
             self.pending[marker_seq] = (rows[marker_seq].body.decode(), GAP_KEY)
+            self.last_stream += 1
+            self.stream_of[marker_seq] = self.last_stream
         for seq, (body, key) in zip(seqs, batch, strict=True):
             old = next((s for s, (_, k) in self.pending.items() if key and k == key), None)
             assert self.journal.get(seq).replaces == old
             if old is not None:
                 del self.pending[old]
-                for earlier, newer in self.replaced_by.items():
-                    if newer == old:
-                        self.replaced_by[earlier] = seq
-                self.replaced_by[old] = seq
             self.pending[seq] = (body, key)
+            if key is None:
+                self.last_stream += 1
+            self.stream_of[seq] = None if key else self.last_stream
+            assert self.journal.get(seq).stream_seq == self.stream_of[seq]
         self.last_seq = seqs[-1]
 
     @precondition(lambda self: self.pending)
@@ -107,10 +110,9 @@ class JournalModel(RuleBasedStateMachine):
 
     @invariant()
     def settled_below_is_honest(self):
-        unsettled = set(self.pending) | {old for old, new in self.replaced_by.items()
-                                         if new in self.pending}
-        expected = min(unsettled) if unsettled else self.last_seq + 1
-        assert self.journal.settled_below(ADDRESS) == expected  # one address: stream seq = seq
+        unsettled = [self.stream_of[s] for s in self.pending if self.stream_of[s] is not None]
+        expected = min(unsettled) if unsettled else self.last_stream + 1
+        assert self.journal.settled_below(ADDRESS) == expected
 
     @invariant()
     def one_pending_entry_per_coalesce_key(self):

@@ -286,7 +286,7 @@ def test_counters_equal_what_really_happened(run: Run):
     assert run.live_events_seen == total_live
     rows = run.journal_rows
     assert rows and all(row["state"] == "delivered" for row in rows)
-    origins = [row["properties"].get("origin") for row in rows]
+    origins = [json.loads(row["body"]).get("origin") for row in rows]
     event_keys = {m.message_id for m in run.events}
     reply_keys = {m.message_id for m in run.replies}
     to_readers = [row for row in rows if row["address"] != run.console_reply_address]
