@@ -5,7 +5,7 @@ RUN_DIR := .run
 ONLY ?=
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap run stop test lint bench clean
+.PHONY: bootstrap run stop test lint bench chaos clean
 
 bootstrap:
 	@./scripts/bootstrap.sh
@@ -27,5 +27,9 @@ lint: bootstrap
 bench: bootstrap
 	@$(PY) -m bench --only "$(ONLY)" --out bench-results.json
 
+# A longer chaos run than the test suite's (as root: it runs a private libvirtd).
+chaos: bootstrap
+	@$(PY) -m chaos.run --seconds 15 --json chaos-report.json
+
 clean:
-	rm -rf $(RUN_DIR) bench-results.json .pytest_cache
+	rm -rf $(RUN_DIR) bench-results.json chaos-report.json .pytest_cache

@@ -14,12 +14,12 @@ import urllib.request
 import libvirt
 import pytest
 
+from chaos.libvirtd import private_libvirtd
 from journal import Journal
 from relay import wire
 from relay.rabbitmq_node import free_ports
 from tests.support import wait_until
 from tests.support.agent import AgentProcess, QueueReader, declare_consoles, send_command, unique
-from tests.support.libvirtd import private_libvirtd
 
 
 @pytest.fixture

@@ -5,10 +5,10 @@ from __future__ import annotations
 import libvirt
 import pytest
 
+from chaos.libvirtd import private_libvirtd
 from relay.errors import LibvirtNotSupported, LibvirtPermanent, LibvirtTransient
 from relay.libvirt_errors import classify_libvirt_error, is_missing, libvirt_calls
 from tests.support.libvirt_side import Scratch
-from tests.support.libvirtd import private_libvirtd
 
 
 def test_missing_objects_and_invalid_requests_are_permanent(libvirt_conn):

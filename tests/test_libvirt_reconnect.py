@@ -13,11 +13,11 @@ import time
 import libvirt
 import pytest
 
+from chaos.libvirtd import private_libvirtd
 from relay.changes import LIVE, RECONCILED
 from relay.objects import DOMAIN
 from tests.support import wait_until
 from tests.support.libvirt_side import DOMAIN_XML, Scratch, next_change, running_adapter
-from tests.support.libvirtd import private_libvirtd
 from tests.support.memory_sink import MemorySink
 
 

@@ -1,13 +1,8 @@
-"""Agents for tests (in this process, or as a killable process) and console-side readers."""
+"""Agents for tests (in this process; as processes see chaos.processes) and console readers."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,6 +12,7 @@ from typing import Any
 from proton import Message
 from proton.utils import BlockingConnection
 
+from chaos.processes import AgentProcess  # noqa: F401 (tests import it from here)
 from relay import config as config_module
 from relay import wire
 from relay.agent import Agent
@@ -141,52 +137,3 @@ def send_command(url: str, host: str, operation: str, target: str | None,
     finally:
         connection.close()
     return key
-
-
-class AgentProcess:
-    """``virt-relay agent`` as a child process with a TOML config; SIGKILL and start again."""
-
-    def __init__(self, tmp_path: Path, config: dict[str, Any], env: dict[str, str] | None = None):
-        self.path = tmp_path / f"agent-{config['host_id']}.toml"
-        self.path.write_text(_toml(config))
-        self.log = tmp_path / f"agent-{config['host_id']}.log"
-        self.env = env or {}
-        self.process: subprocess.Popen | None = None
-
-    def start(self, extra_env: dict[str, str] | None = None) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env, **(extra_env or {})}
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "relay.cli", "agent", "--config", str(self.path),
-                 "--log-level", "DEBUG"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                cwd=ROOT)
-
-    def kill(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-        if self.process:
-            self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def exited(self) -> int | None:
-        return self.process.poll() if self.process else None
-
-    def tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-
-def _toml(config: dict[str, Any], section: str = "") -> str:
-    plain = {k: v for k, v in config.items() if not isinstance(v, dict)}
-    tables = {k: v for k, v in config.items() if isinstance(v, dict)}
-    lines = [f"[{section}]"] if section and plain else []
-    lines += [f"{key} = {json.dumps(value)}" for key, value in plain.items()]
-    for name, table in tables.items():
-        lines.append(_toml(table, f"{section}.{name}" if section else name))
-    return "\n".join(lines) + "\n"

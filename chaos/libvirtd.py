@@ -1,4 +1,4 @@
-"""A private libvirtd for tests: session mode as ``nobody``, every path under its own directory.
+"""A private libvirtd for chaos runs and tests: as ``nobody``, every path under its own directory.
 
 Run as an unprivileged user, libvirtd keeps its sockets, pid files, driver state and config under
 $HOME and $XDG_*; pointing those at a fresh directory makes it share nothing with the host. Its
@@ -15,10 +15,9 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
-
-from tests.support import wait_until
 
 NOBODY = 65534
 
@@ -46,8 +45,12 @@ class PrivateLibvirtd:
                 ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
                  "libvirtd", "-f", str(config), "-p", str(self.home / "libvirtd.pid")],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_until(self._accepts, timeout=20, what=f"libvirtd to listen on {self.socket} "
-                                                   f"(see {self.base / 'libvirtd.log'})")
+        deadline = time.monotonic() + 20
+        while not self._accepts():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"libvirtd does not listen on {self.socket} after 20 s; "
+                                   f"see {self.base / 'libvirtd.log'}")
+            time.sleep(0.05)
 
     def kill(self) -> None:
         """SIGKILL libvirtd and everything it spawned; wait until it is gone."""
@@ -60,7 +63,7 @@ class PrivateLibvirtd:
 
     def _accepts(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
-            raise AssertionError(f"libvirtd exited with {self.process.returncode}: "
+            raise RuntimeError(f"libvirtd exited with {self.process.returncode}: "
                                  f"{(self.base / 'libvirtd.log').read_text()[-2000:]}")
         with socket.socket(socket.AF_UNIX) as probe:
             try:
@@ -78,7 +81,7 @@ def private_libvirtd() -> Iterator[PrivateLibvirtd]:
     cannot traverse.
     """
     if os.geteuid() != 0:
-        raise AssertionError("a private libvirtd runs as nobody: run the tests as root")
+        raise RuntimeError("a private libvirtd runs as nobody: run this as root")
     base = Path(tempfile.mkdtemp(prefix="virt-relay-libvirtd-"))
     base.chmod(0o755)
     daemon = PrivateLibvirtd(base)
