@@ -3,6 +3,7 @@ the drain, CPU when idle. The agent runs as its own process, as in production.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from proton import Message
@@ -133,9 +135,9 @@ def _drain(tmp: Path, node: RabbitNode, journal: Path, **broker) -> tuple[float,
         process.wait(30)
 
 
-@benchmark("agent.replay.drain", "agent.replay.drain_batched", "agent.replay.rss_mb",
-           "proton.raw.send")
-def replay() -> list[Result]:
+@contextlib.contextmanager
+def _bench_broker() -> Iterator[tuple[Path, RabbitNode]]:
+    """A scratch directory and a private broker with the console queue "bench" declared."""
     with tempfile.TemporaryDirectory(dir=os.getcwd()) as tmp_name:
         tmp = Path(tmp_name)
         node = RabbitNode(tmp / "rabbitmq", NodePorts.free())
@@ -143,21 +145,28 @@ def replay() -> list[Result]:
         try:
             with RabbitAdmin(node.url) as admin:
                 declare_console(admin, Addresses(), "bench")
-            journals = {}
-            for name in ("plain", "batched"):
-                journals[name] = tmp / f"bench-{name}.db"
-                _backlog_journal(journals[name], f"bench-{name}",
-                                 Addresses().events_for(f"bench-{name}"), BACKLOG)
-            raw = raw_send_rate(node.url, "/amq/queue/virtrelay.console.bench",
-                                journals["plain"])
-            node.ctl("purge_queue", "virtrelay.console.bench")
-            drain, rss = _drain(tmp, node, journals["plain"])
-            node.ctl("purge_queue", "virtrelay.console.bench")
-            batched, _ = _drain(tmp, node, journals["batched"], replay_batch=100)
-            node.ctl("purge_queue", "virtrelay.console.bench")
-            idle_rss = _idle_rss(tmp, node)
+            yield tmp, node
         finally:
             node.stop()
+
+
+@benchmark("agent.replay.drain", "agent.replay.drain_batched", "agent.replay.rss_mb",
+           "proton.raw.send")
+def replay() -> list[Result]:
+    with _bench_broker() as (tmp, node):
+        journals = {}
+        for name in ("plain", "batched"):
+            journals[name] = tmp / f"bench-{name}.db"
+            _backlog_journal(journals[name], f"bench-{name}",
+                             Addresses().events_for(f"bench-{name}"), BACKLOG)
+        raw = raw_send_rate(node.url, "/amq/queue/virtrelay.console.bench",
+                            journals["plain"])
+        node.ctl("purge_queue", "virtrelay.console.bench")
+        drain, rss = _drain(tmp, node, journals["plain"])
+        node.ctl("purge_queue", "virtrelay.console.bench")
+        batched, _ = _drain(tmp, node, journals["batched"], replay_batch=100)
+        node.ctl("purge_queue", "virtrelay.console.bench")
+        idle_rss = _idle_rss(tmp, node)
     return [
         Result("agent.replay.drain", round(drain), "entries/s", "proton.raw.send", round(raw)),
         Result("agent.replay.drain_batched", round(batched), "entries/s", "proton.raw.send",
@@ -199,37 +208,29 @@ connection.close()
 @benchmark("agent.idle.cpu_pct")
 def idle_cpu() -> list[Result]:
     seconds = 60.0
-    with tempfile.TemporaryDirectory(dir=os.getcwd()) as tmp_name:
-        tmp = Path(tmp_name)
-        node = RabbitNode(tmp / "rabbitmq", NodePorts.free())
-        node.start()
+    with _bench_broker() as (tmp, node):
+        port = free_ports(1)[0]
+        agent = _agent_process(tmp, node, "bench-idle-cpu", tmp / "idle.db", port)
+        baseline = subprocess.Popen([sys.executable, "-c", _IDLE_BASELINE, node.url,
+                                     str(seconds + 30)])
         try:
-            with RabbitAdmin(node.url) as admin:
-                declare_console(admin, Addresses(), "bench")
-            port = free_ports(1)[0]
-            agent = _agent_process(tmp, node, "bench-idle-cpu", tmp / "idle.db", port)
-            baseline = subprocess.Popen([sys.executable, "-c", _IDLE_BASELINE, node.url,
-                                         str(seconds + 30)])
-            try:
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline:
-                    try:
-                        if _metric(port, "outbox_backlog_entries") == 0 and _metric(
-                                port, "broker_connected") == 1:
-                            break
-                    except OSError:
-                        pass
-                    time.sleep(0.2)
-                time.sleep(5)  # past start-up work
-                before = {p.pid: _cpu_seconds(p.pid) for p in (agent, baseline)}
-                time.sleep(seconds)
-                used = {p.pid: _cpu_seconds(p.pid) - before[p.pid] for p in (agent, baseline)}
-            finally:
-                for process in (agent, baseline):
-                    process.terminate()
-                    process.wait(30)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    if _metric(port, "outbox_backlog_entries") == 0 and _metric(
+                            port, "broker_connected") == 1:
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.2)
+            time.sleep(5)  # past start-up work
+            before = {p.pid: _cpu_seconds(p.pid) for p in (agent, baseline)}
+            time.sleep(seconds)
+            used = {p.pid: _cpu_seconds(p.pid) - before[p.pid] for p in (agent, baseline)}
         finally:
-            node.stop()
+            for process in (agent, baseline):
+                process.terminate()
+                process.wait(30)
     return [Result("agent.idle.cpu_pct", round(100 * used[agent.pid] / seconds, 3), "%",
                    "proton.idle_connection.cpu_pct",
                    round(100 * used[baseline.pid] / seconds, 3))]

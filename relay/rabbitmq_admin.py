@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
+from collections.abc import Iterator
 from urllib.parse import unquote, urlsplit
 
 import pika
@@ -80,26 +81,33 @@ class RabbitAdmin:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    @contextlib.contextmanager
+    def _channel(self) -> Iterator[pika.adapters.blocking_connection.BlockingChannel]:
+        """A channel for one operation (a refused operation closes its channel only)."""
+        channel = self._connection.channel()
+        try:
+            yield channel
+        finally:
+            if channel.is_open:
+                channel.close()
+
     def declare(self, exchanges: list[tuple[str, str]], queues: list[str],
                 bindings: list[tuple[str, str, str]]) -> None:
         """Declare durable exchanges (name, type), durable queues, and bindings
         (queue, exchange, key). Declaring what exists with the same settings is a no-op."""
-        channel = self._connection.channel()
         try:
-            for name, kind in exchanges:
-                channel.exchange_declare(name, kind, durable=True)
-            for name in queues:
-                channel.queue_declare(name, durable=True)
-            for queue, exchange, key in bindings:
-                channel.queue_bind(queue, exchange, key)
+            with self._channel() as channel:
+                for name, kind in exchanges:
+                    channel.exchange_declare(name, kind, durable=True)
+                for name in queues:
+                    channel.queue_declare(name, durable=True)
+                for queue, exchange, key in bindings:
+                    channel.queue_bind(queue, exchange, key)
         except pika.exceptions.ChannelClosedByBroker as exc:
             raise BrokerError(f"declaring the topology failed: {exc.reply_code} "
                               f"{exc.reply_text}") from exc
         except pika.exceptions.AMQPError as exc:
             raise BrokerError(f"declaring the topology failed: {exc!r}") from exc
-        finally:
-            if channel.is_open:
-                channel.close()
 
     def queue_depth(self, address: str) -> int:
         """Messages ready in the queue behind ``address`` (delivered but unacknowledged ones
@@ -107,14 +115,11 @@ class RabbitAdmin:
         exchange, queue = parse_address(address)
         if exchange:
             raise BrokerError(f"{address} is not a queue address")
-        channel = self._connection.channel()
         try:
-            return channel.queue_declare(queue, passive=True).method.message_count
+            with self._channel() as channel:
+                return channel.queue_declare(queue, passive=True).method.message_count
         except pika.exceptions.AMQPError as exc:
             raise BrokerError(f"cannot read the depth of queue {queue}: {exc!r}") from exc
-        finally:
-            if channel.is_open:
-                channel.close()
 
     def check_route(self, address: str) -> None:
         """Raise ``AddressUnroutable`` unless a message sent to ``address`` reaches a queue.
@@ -125,16 +130,16 @@ class RabbitAdmin:
         Consumers recognise it by its message id ``virtrelay-probe`` and discard it.
         """
         exchange, key = parse_address(address)
-        channel = self._connection.channel()
         try:
-            if not exchange:  # the default exchange routes to the queue of that name, if any
-                channel.queue_declare(key, passive=True)
-                return
-            channel.confirm_delivery()
-            channel.basic_publish(
-                exchange, key, b"",
-                pika.BasicProperties(expiration="0", message_id=PROBE_MESSAGE_ID),
-                mandatory=True)
+            with self._channel() as channel:
+                if not exchange:  # the default exchange routes to the queue of that name
+                    channel.queue_declare(key, passive=True)
+                    return
+                channel.confirm_delivery()
+                channel.basic_publish(
+                    exchange, key, b"",
+                    pika.BasicProperties(expiration="0", message_id=PROBE_MESSAGE_ID),
+                    mandatory=True)
         except pika.exceptions.UnroutableError as exc:
             raise AddressUnroutable(
                 f"address {address} routes to no queue (exchange {exchange or '(default)'!r}, "
@@ -146,9 +151,6 @@ class RabbitAdmin:
                 "run `virt-relay broker setup` to declare the topology") from exc
         except pika.exceptions.AMQPError as exc:
             raise BrokerError(f"route check of {address} failed: {exc!r}") from exc
-        finally:
-            if channel.is_open:
-                channel.close()
 
 
 def admin_ssl_context(settings: BrokerSettings) -> ssl.SSLContext | None:
