@@ -237,9 +237,11 @@ class ProtonLink(MessagingHandler):
         outcome = event.transport.sasl().outcome if not self.connected else SASL.OK
         if outcome not in (None, SASL.OK):
             self.last_error += " (SASL authentication refused: check broker.user and its password)"
-        elif outcome is None and self.settings.user and "idle-timeout" in self.last_error:
+        elif (outcome is None and (self.settings.user or self.settings.sasl_mechanisms)
+              and "idle-timeout" in self.last_error):
             self.last_error += (" (no answer to SASL authentication: the broker may have refused "
-                                "broker.user's credentials; check the user and its password)")
+                                "the credentials; check broker.user and its password, or for "
+                                "EXTERNAL that a broker user is named after the certificate)")
         if condition and "ssl" in f"{condition.name} {condition.description}".lower():
             self.last_error += (" (TLS: check broker.tls.ca_file trusts the broker's "
                                 "certificate, broker.tls.cert_file/key_file are ours and "

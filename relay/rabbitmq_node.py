@@ -83,11 +83,13 @@ class RabbitNode:
     """One private RabbitMQ node under ``state_dir``: start, stop, kill, restart, status."""
 
     def __init__(self, state_dir: str | os.PathLike, ports: NodePorts | None = None,
-                 extra_config: str = ""):
+                 extra_config: str = "", extra_plugins: tuple[str, ...] = ()):
         self.state_dir = Path(state_dir).resolve()
         saved = self._load_saved()
         self.ports = ports or (NodePorts(**saved["ports"]) if saved else NodePorts())
         self.extra_config = extra_config or (saved.get("extra_config", "") if saved else "")
+        self.plugins = PLUGINS + tuple(extra_plugins or (saved.get("extra_plugins", ())
+                                                         if saved else ()))
         self.nodename = f"virtrelay-{self.ports.amqp}@localhost"
         self._process: subprocess.Popen | None = None
 
@@ -144,7 +146,7 @@ class RabbitNode:
     def _write_files(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "log").mkdir(exist_ok=True)
-        (self.state_dir / "enabled_plugins").write_text(f"[{','.join(PLUGINS)}].\n")
+        (self.state_dir / "enabled_plugins").write_text(f"[{','.join(self.plugins)}].\n")
         (self.state_dir / "rabbitmq-env.conf").write_text("")
         (self.state_dir / "rabbitmq.conf").write_text(
             "\n".join([
@@ -160,7 +162,8 @@ class RabbitNode:
         )
         self._state_file.write_text(json.dumps(
             {"ports": asdict(self.ports), "nodename": self.nodename,
-             "extra_config": self.extra_config}, indent=2))
+             "extra_config": self.extra_config,
+             "extra_plugins": list(self.plugins[len(PLUGINS):])}, indent=2))
 
     # -- process control ---------------------------------------------------------------------
     def beam_pid(self) -> int | None:

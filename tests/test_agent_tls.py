@@ -54,10 +54,31 @@ def tls_broker(tmp_path_factory, pki):
         f"ssl_options.keyfile = {pki / 'server.key'}",
         "ssl_options.verify = verify_peer",
         "ssl_options.fail_if_no_peer_cert = true",
+        # SASL EXTERNAL: the client certificate's common name is the user
+        "auth_mechanisms.1 = PLAIN", "auth_mechanisms.2 = AMQPLAIN",
+        "auth_mechanisms.3 = EXTERNAL", "auth_mechanisms.4 = ANONYMOUS",
+        "ssl_cert_login_from = common_name",
     ])
-    with private_broker(tmp_path_factory.mktemp("rabbitmq-tls"), extra_config=config) as node:
+    with private_broker(tmp_path_factory.mktemp("rabbitmq-tls"), extra_config=config,
+                        extra_plugins=("rabbitmq_auth_mechanism_ssl",)) as node:
         node.tls_url = f"amqps://localhost:{port}"
         yield node
+
+
+def test_sasl_external_logs_in_as_the_certificate_s_common_name(tls_broker, pki, tmp_path,
+                                                               libvirt_conn):
+    console = unique("c")
+    declare_consoles(tls_broker.url, console)
+    config = agent_config(tmp_path, [tls_broker.tls_url], **tls_settings(pki),
+                          **{"broker.sasl_mechanisms": "EXTERNAL"})
+    with running_agent(config) as agent:  # no user named after the certificate's CN yet
+        error = wait_until(lambda: agent.link.last_error, timeout=30, what="a refused login")
+        assert not agent.link.connected and "SASL" in error, error
+    tls_broker.ctl("add_user", "agent", "never-used-password")  # the certificate's CN
+    tls_broker.ctl("set_permissions", "agent", ".*", ".*", ".*")
+    with running_agent(config) as agent:  # EXTERNAL only: no fallback to another mechanism
+        wait_until(lambda: agent.link.connected and agent.journal.backlog[0] == 0, timeout=30,
+                   what="events sent over TLS, authenticated by certificate")
 
 
 def tls_settings(pki: Path, ca: str = "ca", cert: str = "agent") -> dict:

@@ -14,9 +14,11 @@ from relay.rabbitmq_node import NodePorts, RabbitNode
 
 
 @contextlib.contextmanager
-def private_broker(state_dir: Path, extra_config: str = "") -> Iterator[RabbitNode]:
+def private_broker(state_dir: Path, extra_config: str = "",
+                   extra_plugins: tuple[str, ...] = ()) -> Iterator[RabbitNode]:
     """Start a RabbitMQ node on free ports; stop it and everything it spawned on exit."""
-    node = RabbitNode(state_dir, NodePorts.free(), extra_config=extra_config)
+    node = RabbitNode(state_dir, NodePorts.free(), extra_config=extra_config,
+                      extra_plugins=extra_plugins)
     node.start()
     try:
         yield node
