@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,7 @@ from relay.metrics import AgentMetrics
 from relay.operations import OPERATIONS, Operation, lookup, resolve
 
 log = logging.getLogger(__name__)
+_RECORD_RETRY = 5.0  # seconds between attempts to record a result on a full disk
 
 Settle = Callable[[CommandDelivery, bool], None]
 
@@ -92,8 +94,10 @@ class CommandProcessor:
         error = handle.exception()
         if error is not None:
             log.error("could not commit command %s to the inbox (%s); releasing it for "
-                      "redelivery", command["key"], error)
-            self.settle(delivery, False)
+                      "redelivery in %.0f s", command["key"], error, _RECORD_RETRY)
+            release = threading.Timer(_RECORD_RETRY, self.settle, args=(delivery, False))
+            release.daemon = True  # not at once: the broker would hand it back in a hot loop
+            release.start()
             return
         received = handle.wait()
         crash_point("command.after-inbox")
@@ -194,8 +198,17 @@ class CommandProcessor:
             self.journal.record_result(key, state, {"status": status, "result": result,
                                                     "error": error}, reply)
         except JournalFull:
+            # The effect happened (or was decided): keep trying to record it. Were the agent
+            # to stop first, the next start would reconcile the command against libvirt.
             self.metrics.disk_full.inc()
-            raise  # left `executing`: the next start reconciles it against libvirt
+            log.error("cannot record the result of command %s: the journal's disk is full; "
+                      "retrying every %.0f s", key, _RECORD_RETRY)
+            retry = threading.Timer(_RECORD_RETRY, self.lanes.submit, args=(
+                "record-retry", lambda: self._finish(key, command, state, status, result,
+                                                     error, code)))
+            retry.daemon = True
+            retry.start()
+            return
         self.metrics.commands_executed.labels(command["operation"], status).inc()
         self.wake()
 

@@ -78,6 +78,7 @@ class OutboundStream:
         self._clock = clock
         self._settled_cache: dict[str, tuple[float, int]] = {}
         self._to_mark: list[int] = []
+        self._unrecorded: deque[int] = deque()  # filled from the journal's commit thread
         self.restart()
 
     def restart(self) -> None:
@@ -225,6 +226,15 @@ class OutboundStream:
         """Hand the accumulated `accepted` marks to the journal without waiting for the disk;
         unless ``force``, only once enough have gathered to be worth a commit. (A mark lost in a
         crash only means that entry is sent again: consumers deduplicate.)"""
+        while self._unrecorded:  # marks a full disk refused: try them again
+            self._to_mark.append(self._unrecorded.popleft())
         if self._to_mark and (force or len(self._to_mark) >= _MARK_BATCH):
-            self.journal.mark_delivered_async(self._to_mark)
-            self._to_mark = []
+            seqs, self._to_mark = self._to_mark, []
+            self.journal.mark_delivered_async(seqs).add_done_callback(
+                lambda handle: self._marked(seqs, handle))
+
+    def _marked(self, seqs: list[int], handle) -> None:
+        """A mark the journal could not commit (disk full) is kept for the next flush:
+        otherwise the entries would stay pending, never resent, until a reconnect."""
+        if handle.exception() is not None:
+            self._unrecorded.extend(seqs)
