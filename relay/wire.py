@@ -29,7 +29,6 @@ BATCH_CONTENT_TYPE = "application/vnd.virtrelay.batch+json"
 EVENT = "event"
 GAP = GAP_SUBJECT
 BATCH = "batch"
-COMMAND = "command"
 REPLY = "reply"
 
 # Reply statuses.
