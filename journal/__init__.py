@@ -24,11 +24,11 @@ from journal.errors import (
     SchemaTooNew,
 )
 from journal.group_commit import Handle
-from journal.journal import (
+from journal.journal import Journal
+from journal.records import (
     GAP_SUBJECT,
     UNCONFIRMED,
     Entry,
-    Journal,
     JournalStats,
     OpenReport,
     OutboxEntry,
