@@ -170,8 +170,9 @@ class BrokerLink(ProtonLink):
             len(p) for p in self._parked.values())
         if room > 0:
             for outgoing in self.stream.take(room):
-                routable = self.address_check(outgoing.address)
-                if routable:
+                # Behind parked messages of its address, a message waits its turn even if the
+                # verdict arrived meanwhile (from the topology thread): order before speed.
+                if outgoing.address not in self._parked and self.address_check(outgoing.address):
                     self._send(outgoing)
                 else:
                     self._parked.setdefault(outgoing.address, []).append(outgoing)
