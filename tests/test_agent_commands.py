@@ -14,6 +14,7 @@ from tests.support.agent import (
     QueueReader,
     agent_config,
     declare_consoles,
+    replies_for,
     running_agent,
     send_command,
     unique,
@@ -21,10 +22,6 @@ from tests.support.agent import (
 from tests.support.libvirt_side import Scratch
 
 SECRET = "s3cret-shared-key"
-
-
-def replies_for(reader: QueueReader, key: str) -> list:
-    return [m for m in reader.messages if m.properties.get("command_key") == key]
 
 
 def wait_reply(reader: QueueReader, key: str, count: int = 1, timeout: float = 20.0):

@@ -19,7 +19,14 @@ from journal import Journal
 from relay import wire
 from relay.rabbitmq_node import free_ports
 from tests.support import wait_until
-from tests.support.agent import AgentProcess, QueueReader, declare_consoles, send_command, unique
+from tests.support.agent import (
+    AgentProcess,
+    QueueReader,
+    declare_consoles,
+    replies_for,
+    send_command,
+    unique,
+)
 
 
 @pytest.fixture
@@ -51,6 +58,7 @@ class Host:
 
     def __init__(self, tmp_path, broker, libvirtd):
         self.id = unique("host")
+        self.broker_url = broker.url
         self.port = free_ports(1)[0]
         self.journal = tmp_path / f"{self.id}.db"
         self.process = AgentProcess(tmp_path, {
@@ -66,6 +74,15 @@ class Host:
     def start(self, crash_at: str | None = None) -> None:
         self.process.start({"VIRT_RELAY_CRASH_AT": crash_at} if crash_at else None)
         wait_until(self.ready, timeout=30, what=f"agent ready ({self.process.log})")
+
+    def crash_during(self, operation: str, point: str, reply_to: str) -> str:
+        """Start the agent set to die at crash ``point``, send it ``operation`` on domain
+        ``test``, and wait until it died there; return the command's key."""
+        self.start(crash_at=point)
+        key = send_command(self.broker_url, self.id, operation, "test", reply_to)
+        wait_until(lambda: self.process.exited() is not None,
+                   what=f"the agent to die at {point}")
+        return key
 
     def ready(self) -> bool:
         assert self.process.exited() is None, self.process.tail()
@@ -90,10 +107,6 @@ class Host:
                                      if row["address"].startswith("/exchange/")}
 
 
-def replies_for(reader: QueueReader, key: str) -> list:
-    return [m for m in reader.messages if m.properties.get("command_key") == key]
-
-
 def domain_state(libvirtd) -> int:
     conn = libvirt.open(libvirtd.uri)
     try:
@@ -106,9 +119,7 @@ def test_kill_between_inbox_commit_and_execution_runs_the_command_once(
         broker, tmp_path, libvirtd, console):
     replies, _ = console
     host = Host(tmp_path, broker, libvirtd)
-    host.start(crash_at="command.after-inbox")
-    key = send_command(broker.url, host.id, "domain.suspend", "test", replies.reply_to)
-    wait_until(lambda: host.process.exited() is not None, what="the agent to die at the point")
+    key = host.crash_during("domain.suspend", "command.after-inbox", replies.reply_to)
     assert domain_state(libvirtd) == libvirt.VIR_DOMAIN_RUNNING  # committed, not executed
     host.start()
     try:
@@ -128,9 +139,7 @@ def test_kill_after_the_libvirt_call_is_reconciled_not_rerun(broker, tmp_path, l
                                                               console):
     replies, _ = console
     host = Host(tmp_path, broker, libvirtd)
-    host.start(crash_at="command.after-effect")
-    key = send_command(broker.url, host.id, "domain.suspend", "test", replies.reply_to)
-    wait_until(lambda: host.process.exited() is not None, what="the agent to die at the point")
+    key = host.crash_during("domain.suspend", "command.after-effect", replies.reply_to)
     assert domain_state(libvirtd) == libvirt.VIR_DOMAIN_PAUSED  # the effect happened
     host.start()
     try:
@@ -148,9 +157,7 @@ def test_an_undecidable_interrupted_command_is_reported_as_outcome_unknown(
         broker, tmp_path, libvirtd, console):
     replies, _ = console
     host = Host(tmp_path, broker, libvirtd)
-    host.start(crash_at="command.after-effect")
-    key = send_command(broker.url, host.id, "domain.reboot", "test", replies.reply_to)
-    wait_until(lambda: host.process.exited() is not None, what="the agent to die at the point")
+    key = host.crash_during("domain.reboot", "command.after-effect", replies.reply_to)
     host.start()
     try:
         replies.wait_for(lambda ms: replies_for(replies, key), what="the reply")

@@ -112,6 +112,11 @@ class QueueReader:
             self.connection.close()
 
 
+def replies_for(reader: QueueReader, key: str) -> list[wire.Incoming]:
+    """The replies ``reader`` received to the command with idempotency key ``key``."""
+    return [m for m in reader.messages if m.properties.get("command_key") == key]
+
+
 def decode(message: Message) -> list[wire.Incoming]:
     """The logical messages in one AMQP message (a replay batch holds several)."""
     body = message.body
