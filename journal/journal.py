@@ -236,8 +236,13 @@ class Journal(OutboxMixin, InboxMixin, ConsumerStateMixin):
         return conn
 
     def key_for(self, seq: int) -> str:
-        """The idempotency key of outbound entry ``seq``."""
-        return f"{self.host_id}:{self.epoch}:{seq}"
+        """The idempotency key of outbound entry ``seq``: ``host:epoch:seq``."""
+        return f"{self.key_prefix}{seq}"
+
+    @property
+    def key_prefix(self) -> str:
+        """What every idempotency key of this journal (host and epoch) starts with."""
+        return f"{self.host_id}:{self.epoch}:"
 
     def prune(self, now: float | None = None) -> int:
         """Delete delivered entries and finished commands older than their retention."""

@@ -3,6 +3,7 @@ coalescing (see docs/journal.md). A part of ``Journal``."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import sqlite3
@@ -11,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from journal.errors import Backpressure
-from journal.group_commit import Handle
+from journal.group_commit import Batchable, Handle
 from journal.records import (
     ENTRY_COLUMNS,
     GAP_SUBJECT,
@@ -32,17 +33,27 @@ class OutboxMixin:
 
     def append(self, entries: Iterable[Entry]) -> list[int]:
         """Commit ``entries`` atomically; return their sequence numbers once durable."""
-        entries = list(entries)
-        return self._committer.run(lambda conn: self._append_in(conn, entries))
+        return self._committer.run(Batchable(self._append_all, list(entries)))
 
     def append_async(self, entries: Iterable[Entry]) -> Handle:
         """Queue ``entries`` without waiting; ``handle.wait()`` gives the seqs once durable."""
-        entries = list(entries)
-        return self._committer.submit(lambda conn: self._append_in(conn, entries))
+        return self._committer.submit(Batchable(self._append_all, list(entries)))
+
+    def _append_all(self, conn: sqlite3.Connection,
+                    appends: list[list[Entry]]) -> list[list[int]]:
+        """Several queued appends at once (room made once, rows written together)."""
+        if len(appends) == 1:
+            return [self._append_in(conn, appends[0])]
+        seqs = self._append_in(conn, [entry for entries in appends for entry in entries])
+        split, start = [], 0
+        for entries in appends:
+            split.append(seqs[start:start + len(entries)])
+            start += len(entries)
+        return split
 
     def _append_in(self, conn: sqlite3.Connection, entries: list[Entry]) -> list[int]:
         self._make_room(conn, entries)
-        return [self._insert(conn, entry) for entry in entries]
+        return self._write(conn, entries)
 
     def _make_room(self, conn: sqlite3.Connection, entries: list[Entry]) -> None:
         if self.max_entries is None and self.max_bytes is None:
@@ -114,52 +125,64 @@ class OutboxMixin:
                     "(seq %d..%d) under policy drop-oldest", bound, freed_count,
                     min(all_seqs), max(all_seqs))
         for address, dropped_range in dropped.items():
-            self._insert(conn, Entry(address=address, subject=GAP_SUBJECT,
+            self._write(conn, [Entry(address=address, subject=GAP_SUBJECT,
                                      properties={"kind": GAP_SUBJECT},
-                                     body=json.dumps(dropped_range.marker()).encode()))
+                                     body=json.dumps(dropped_range.marker()).encode())])
 
     def _coalesce_target(self, conn: sqlite3.Connection, coalesce_key: str) -> int | None:
         row = conn.execute("SELECT seq FROM outbox WHERE state = 0 AND coalesce_key = ?",
                            (coalesce_key,)).fetchone()
         return row[0] if row else None
 
-    def _insert(self, conn: sqlite3.Connection, entry: Entry) -> int:
-        seq = self._last_seq + 1
-        replaces = self._coalesce_target(conn, entry.coalesce_key) if entry.coalesce_key else None
-        if replaces is not None:
-            old_size = conn.execute("SELECT size FROM outbox WHERE seq = ?",
-                                    (replaces,)).fetchone()[0]
-            conn.execute("UPDATE outbox SET state = ?, superseded_by = ?, body = NULL, size = 0 "
-                         "WHERE seq = ? OR (state = ? AND superseded_by = ?)",
-                         (COALESCED, seq, replaces, COALESCED, replaces))
-            self._pending_count -= 1
-            self._pending_bytes -= old_size
-            self._bump_meta(conn, "coalesced_total", 1)
-        object_class, object_id = entry.object_key or (None, None)
-        stream_seq = None
-        if entry.coalesce_key is None:  # coalescable samples are outside the dense stream
-            stream_seq = self._stream_seqs.get(entry.address, 0) + 1
-            self._stream_seqs[entry.address] = stream_seq
-        conn.execute(
-            "INSERT INTO outbox (seq, key, address, subject, properties, body, size, created_at, "
-            "state, object_class, object_id, coalesce_key, replaces, stream_seq) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)",
-            (seq, self.key_for(seq), entry.address, entry.subject, entry.encoded_properties,
-             entry.body, entry.size, entry.created_at, object_class, object_id,
-             entry.coalesce_key, replaces, stream_seq))
-        self._last_seq = seq
-        self._pending_count += 1
-        self._pending_bytes += entry.size
-        if entry.object_key and entry.object_removed:
-            conn.execute("DELETE FROM objects WHERE object_class = ? AND object_id = ?",
-                         entry.object_key)
-        elif entry.object_key and entry.object_state is not None:
-            conn.execute(
-                "INSERT OR REPLACE INTO objects (object_class, object_id, state, seq, dirty, "
-                "updated_at) VALUES (?, ?, ?, ?, 0, ?)",
-                (object_class, object_id, json.dumps(entry.object_state, sort_keys=True), seq,
-                 entry.created_at))
-        return seq
+    def _write(self, conn: sqlite3.Connection, entries: list[Entry]) -> list[int]:
+        """Insert ``entries`` (room already made) with as few statements as possible.
+
+        This is the hot path of every append, hence one flat loop with locals."""
+        staged = _Staged()
+        params, object_changes = staged.params, staged.object_changes
+        key_prefix = self.key_prefix
+        stream_seqs = self._stream_seqs
+        first = seq = self._last_seq + 1
+        added_bytes = 0
+        for entry in entries:
+            coalesce_key, object_key, address = entry.coalesce_key, entry.object_key, entry.address
+            replaces = stream_seq = None
+            if coalesce_key:
+                staged.flush(conn)  # an older sample of the same key may be among the staged
+                replaces = self._coalesce_target(conn, coalesce_key)
+                if replaces is not None:
+                    self._supersede(conn, replaces, seq)
+            else:  # coalescable samples are outside the dense stream
+                stream_seq = stream_seqs.get(address, 0) + 1
+                stream_seqs[address] = stream_seq
+            object_class, object_id = object_key or _NO_OBJECT
+            params += (seq, key_prefix + str(seq), address, entry.subject,
+                       entry.encoded_properties, entry.body, entry.size, entry.created_at,
+                       object_class, object_id, coalesce_key, replaces, stream_seq)
+            added_bytes += entry.size
+            if object_key and entry.object_removed:
+                object_changes.append((True, object_key))
+            elif object_key and entry.object_state is not None:
+                object_changes.append((False, (
+                    object_class, object_id, json.dumps(entry.object_state, sort_keys=True), seq,
+                    entry.created_at)))
+            seq += 1
+        staged.flush(conn)
+        self._last_seq = seq - 1
+        self._pending_count += len(entries)
+        self._pending_bytes += added_bytes
+        return list(range(first, seq))
+
+    def _supersede(self, conn: sqlite3.Connection, replaced: int, seq: int) -> None:
+        """Mark undelivered entry ``replaced`` (and what it had replaced) as coalesced into
+        ``seq``: out of the backlog, kept as a tombstone."""
+        old_size = conn.execute("SELECT size FROM outbox WHERE seq = ?", (replaced,)).fetchone()[0]
+        conn.execute("UPDATE outbox SET state = ?, superseded_by = ?, body = NULL, size = 0 "
+                     "WHERE seq = ? OR (state = ? AND superseded_by = ?)",
+                     (COALESCED, seq, replaced, COALESCED, replaced))
+        self._pending_count -= 1
+        self._pending_bytes -= old_size
+        self._bump_meta(conn, "coalesced_total", 1)
 
     def pending(self, after_seq: int = 0, limit: int | None = None) -> Iterator[OutboxEntry]:
         """Undelivered entries with seq > ``after_seq``, oldest first, read page by page."""
@@ -259,6 +282,57 @@ class OutboxMixin:
             if len(rows) < PAGE:
                 return
             after_seq = rows[-1][0]
+
+
+class _MultiRowInsert:
+    """One INSERT statement per up to 256 rows: each statement releases the GIL once while
+    SQLite works, instead of once per row. A few fixed sizes keep them in the statement cache."""
+
+    SIZES = (256, 64, 16, 4, 1)
+
+    def __init__(self, head: str, row: str):
+        self.width = row.count("?")
+        self.statements = [(rows * self.width, head + ",".join([row] * rows))
+                           for rows in self.SIZES]
+
+    def run(self, conn: sqlite3.Connection, params: list[Any]) -> None:
+        """Insert the rows whose values follow each other in ``params``."""
+        start = 0
+        for width, statement in self.statements:
+            while len(params) - start >= width:
+                conn.execute(statement, params[start:start + width])
+                start += width
+
+
+_OUTBOX_COLUMNS = 13
+_INSERT_OUTBOX = _MultiRowInsert(
+    "INSERT INTO outbox (seq, key, address, subject, properties, body, size, created_at, "
+    "object_class, object_id, coalesce_key, replaces, stream_seq) VALUES ",
+    "(" + ", ".join(["?"] * _OUTBOX_COLUMNS) + ")")
+_REMEMBER_OBJECTS = _MultiRowInsert(
+    "INSERT OR REPLACE INTO objects (object_class, object_id, state, seq, dirty, updated_at) "
+    "VALUES ", "(?, ?, ?, ?, 0, ?)")
+_FORGET_OBJECT = "DELETE FROM objects WHERE object_class = ? AND object_id = ?"
+_NO_OBJECT = (None, None)
+
+
+class _Staged:
+    """Outbox rows (as one flat parameter list) and object-table changes staged by a write,
+    flushed in order: rows by multi-row INSERTs, object changes after them."""
+
+    def __init__(self):
+        self.params: list[Any] = []
+        self.object_changes: list[tuple[bool, tuple]] = []  # (removed, values)
+
+    def flush(self, conn: sqlite3.Connection) -> None:
+        _INSERT_OUTBOX.run(conn, self.params)
+        for removed, group in itertools.groupby(self.object_changes, key=lambda c: c[0]):
+            if removed:
+                conn.executemany(_FORGET_OBJECT, [key for _, key in group])
+            else:
+                _REMEMBER_OBJECTS.run(conn, [value for _, values in group for value in values])
+        self.params.clear()
+        self.object_changes.clear()
 
 
 class _DroppedRange:

@@ -16,9 +16,10 @@ GAP_SUBJECT = "gap"
 PAGE = 512  # rows read per query when streaming
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Entry:
-    """An outbound message to journal.
+    """An outbound message to journal (treat it as immutable once built: not frozen only
+    because frozen dataclasses are slow to build, and appends are a hot path).
 
     ``object_key`` names the libvirt object the entry is about (per-object ordering). When
     ``object_state`` is set, or ``object_removed`` is true, the entry also records what consumers
@@ -40,9 +41,23 @@ class Entry:
     size: int = field(init=False, repr=False, compare=False)  # counted against the bounds
 
     def __post_init__(self):
-        encoded = json.dumps(self.properties)
-        object.__setattr__(self, "encoded_properties", encoded)
-        object.__setattr__(self, "size", len(self.body) + len(encoded) + len(self.address))
+        self.encoded_properties = encode_properties(self.properties)
+        self.size = len(self.body) + len(self.encoded_properties) + len(self.address)
+
+
+def encode_properties(properties: dict[str, Any]) -> str:
+    """``json.dumps(properties)``, without building a new encoder for every call (appends of
+    single entries from many threads make this a hot path)."""
+    if _encode_one_shot is None:
+        return json.dumps(properties)
+    return "".join(_encode_one_shot(properties, 0))
+
+
+_plain = json.JSONEncoder()
+_encode_one_shot = (json.encoder.c_make_encoder and json.encoder.c_make_encoder(
+    None, _plain.default, json.encoder.encode_basestring_ascii, _plain.indent,
+    _plain.key_separator, _plain.item_separator, _plain.sort_keys, _plain.skipkeys,
+    _plain.allow_nan))
 
 
 @dataclass(frozen=True)

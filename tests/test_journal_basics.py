@@ -131,6 +131,30 @@ def test_object_state_follows_appends_and_removals(journal):
     assert journal.published_states() == {("domain", "u1"): {"s": 3}}
 
 
+def test_a_large_append_keeps_every_entry_and_the_last_state_of_each_object(journal):
+    # 341 = 256 + 64 + 16 + 4 + 1: every size of multi-row statement, each boundary crossed
+    entries = [entry(f"e{i}", object_key=("domain", f"u{i % 7}"), object_state={"i": i},
+                     object_removed=(i == 300)) for i in range(341)]
+    assert journal.append(entries) == list(range(1, 342))
+    assert [e.body for e in journal.pending()] == [f"e{i}".encode() for i in range(341)]
+    last = {f"u{i % 7}": i for i in range(341)}
+    expected = {("domain", u): {"i": i} for u, i in last.items() if u != "u6"}
+    expected[("domain", "u6")] = {"i": 335}  # removed at 300 (300 % 7 == 6), then set again
+    assert journal.published_states() == expected
+
+
+def test_queued_appends_written_together_keep_their_own_seqs_and_coalescing(journal):
+    handles = []
+    for i in range(300):
+        handles.append(journal.append_async([entry(f"e{i}")]))
+        handles.append(journal.append_async([entry(f"s{i}", coalesce_key="stats:u1")]))
+    assert [handle.wait(30) for handle in handles] == [[seq] for seq in range(1, 601)]
+    pending = [e.body.decode() for e in journal.pending()]
+    assert pending == [f"e{i}" for i in range(300)] + ["s299"]
+    assert journal.stats().coalesced_total == 299
+    assert [e.stream_seq for e in journal.pending()][:300] == list(range(1, 301))
+
+
 def test_coalescing_replaces_the_undelivered_entry_with_the_same_key(journal):
     journal.append([entry("stats-1", coalesce_key="stats:domain:u1"), entry("event-1")])
     journal.append([entry("stats-2", coalesce_key="stats:domain:u1")])
