@@ -275,18 +275,15 @@ class GroupCommitter:
 
 def _runs_of_a_kind(batch: list[tuple[Request, Handle]]) -> Iterator[list[tuple[Request, Handle]]]:
     """Split ``batch`` into runs of consecutive Batchable requests of one kind (others alone)."""
-    run: list[tuple[Request, Handle]] = []
-    for item in batch:
-        request = item[0]
-        if run and not (isinstance(request, Batchable) and request.run_all == run[0][0].run_all):
-            yield run
-            run = []
-        run.append(item)
-        if not isinstance(request, Batchable):
-            yield run
-            run = []
-    if run:
-        yield run
+    start, end = 0, len(batch)
+    while start < end:
+        kind = getattr(batch[start][0], "run_all", None)
+        stop = start + 1
+        if kind is not None:
+            while stop < end and getattr(batch[stop][0], "run_all", None) == kind:
+                stop += 1
+        yield batch[start:stop]
+        start = stop
 
 
 class _RequestFailed(Exception):

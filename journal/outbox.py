@@ -3,6 +3,7 @@ coalescing (see docs/journal.md). A part of ``Journal``."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -139,32 +140,41 @@ class OutboxMixin:
 
         This is the hot path of every append, hence one flat loop with locals."""
         staged = _Staged()
-        params, object_changes = staged.params, staged.object_changes
+        rows, object_changes = staged.rows, staged.object_changes
         key_prefix = self.key_prefix
         stream_seqs = self._stream_seqs
         first = seq = self._last_seq + 1
         added_bytes = 0
         for entry in entries:
             coalesce_key, object_key, address = entry.coalesce_key, entry.object_key, entry.address
-            replaces = stream_seq = None
-            if coalesce_key:
+            values = [seq, key_prefix + str(seq), address, entry.subject,
+                      entry.encoded_properties, entry.body, entry.size, entry.created_at]
+            if coalesce_key:  # a sample: outside the dense stream, may replace an older one
                 staged.flush(conn)  # an older sample of the same key may be among the staged
                 replaces = self._coalesce_target(conn, coalesce_key)
                 if replaces is not None:
                     self._supersede(conn, replaces, seq)
-            else:  # coalescable samples are outside the dense stream
+                columns = _add_optional_columns(values, object_key=object_key,
+                                                coalesce_key=coalesce_key, replaces=replaces)
+            else:
                 stream_seq = stream_seqs.get(address, 0) + 1
                 stream_seqs[address] = stream_seq
-            object_class, object_id = object_key or _NO_OBJECT
-            params += (seq, key_prefix + str(seq), address, entry.subject,
-                       entry.encoded_properties, entry.body, entry.size, entry.created_at,
-                       object_class, object_id, coalesce_key, replaces, stream_seq)
+                if object_key:
+                    columns = _EVENT_OF_OBJECT
+                    values += object_key
+                else:
+                    columns = _EVENT
+                values.append(stream_seq)
+            if columns in rows:
+                rows[columns] += values
+            else:
+                rows[columns] = values
             added_bytes += entry.size
             if object_key and entry.object_removed:
                 object_changes.append((True, object_key))
             elif object_key and entry.object_state is not None:
                 object_changes.append((False, (
-                    object_class, object_id, json.dumps(entry.object_state, sort_keys=True), seq,
+                    *object_key, json.dumps(entry.object_state, sort_keys=True), seq,
                     entry.created_at)))
             seq += 1
         staged.flush(conn)
@@ -304,34 +314,57 @@ class _MultiRowInsert:
                 start += width
 
 
-_OUTBOX_COLUMNS = 13
-_INSERT_OUTBOX = _MultiRowInsert(
-    "INSERT INTO outbox (seq, key, address, subject, properties, body, size, created_at, "
-    "object_class, object_id, coalesce_key, replaces, stream_seq) VALUES ",
-    "(" + ", ".join(["?"] * _OUTBOX_COLUMNS) + ")")
+# Outbox rows are inserted naming only the columns they fill: NULLs cost binding time too.
+_COMMON = ("seq", "key", "address", "subject", "properties", "body", "size", "created_at")
+_EVENT = (*_COMMON, "stream_seq")  # values: _COMMON's, then stream_seq
+_EVENT_OF_OBJECT = (*_COMMON, "object_class", "object_id", "stream_seq")
+
+
+def _add_optional_columns(values: list[Any], **optional: Any) -> tuple[str, ...]:
+    """Append to ``values`` (of ``_COMMON``) the optional columns that are not None (an object
+    key fills object_class and object_id); return the row's columns."""
+    columns = list(_COMMON)
+    for name, value in optional.items():
+        if value is None:
+            continue
+        if name == "object_key":
+            columns += ("object_class", "object_id")
+            values += value
+        else:
+            columns.append(name)
+            values.append(value)
+    return tuple(columns)
+
+
+@functools.cache
+def _outbox_insert(columns: tuple[str, ...]) -> _MultiRowInsert:
+    return _MultiRowInsert(f"INSERT INTO outbox ({', '.join(columns)}) VALUES ",
+                           "(" + ", ".join(["?"] * len(columns)) + ")")
+
+
 _REMEMBER_OBJECTS = _MultiRowInsert(
     "INSERT OR REPLACE INTO objects (object_class, object_id, state, seq, dirty, updated_at) "
     "VALUES ", "(?, ?, ?, ?, 0, ?)")
 _FORGET_OBJECT = "DELETE FROM objects WHERE object_class = ? AND object_id = ?"
-_NO_OBJECT = (None, None)
 
 
 class _Staged:
-    """Outbox rows (as one flat parameter list) and object-table changes staged by a write,
-    flushed in order: rows by multi-row INSERTs, object changes after them."""
+    """Outbox rows (one flat parameter list per set of columns) and object-table changes
+    staged by a write, flushed in order: rows by multi-row INSERTs, object changes after."""
 
     def __init__(self):
-        self.params: list[Any] = []
+        self.rows: dict[tuple[str, ...], list[Any]] = {}
         self.object_changes: list[tuple[bool, tuple]] = []  # (removed, values)
 
     def flush(self, conn: sqlite3.Connection) -> None:
-        _INSERT_OUTBOX.run(conn, self.params)
+        for columns, params in self.rows.items():
+            _outbox_insert(columns).run(conn, params)
         for removed, group in itertools.groupby(self.object_changes, key=lambda c: c[0]):
             if removed:
                 conn.executemany(_FORGET_OBJECT, [key for _, key in group])
             else:
                 _REMEMBER_OBJECTS.run(conn, [value for _, values in group for value in values])
-        self.params.clear()
+        self.rows.clear()
         self.object_changes.clear()
 
 
