@@ -10,7 +10,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from journal.group_commit import Handle
-from journal.records import StateLogRecord
+from journal.multirow import MultiRowInsert
+from journal.records import StateLogRecord, to_json
+
+_PUT_STATE = MultiRowInsert("INSERT OR REPLACE INTO state (namespace, key, value) VALUES ",
+                            "(?, ?, ?)")
+_APPEND_LOG = MultiRowInsert("INSERT INTO state_log (key, at, record) VALUES ", "(?, ?, ?)")
 
 
 class ConsumerStateMixin:
@@ -32,17 +37,19 @@ class ConsumerStateMixin:
         """``put_state`` without waiting. Values are encoded now, so the caller may change its
         objects as soon as this returns."""
         now = time.time()
-        puts = [(ns, key, json.dumps(value)) for (ns, key), value in values.items()
-                if value is not None]
-        deletes = [(ns, key) for (ns, key), value in values.items() if value is None]
-        records = [(key, now, json.dumps(record)) for key, record in log]
+        puts, deletes, records = [], [], []
+        for (namespace, key), value in values.items():
+            if value is None:
+                deletes.append((namespace, key))
+            else:
+                puts += (namespace, key, to_json(value))
+        for key, record in log:
+            records += (key, now, to_json(record))
 
         def request(conn: sqlite3.Connection) -> None:
-            conn.executemany("INSERT OR REPLACE INTO state (namespace, key, value) "
-                             "VALUES (?, ?, ?)", puts)
+            _PUT_STATE.run(conn, puts)
             conn.executemany("DELETE FROM state WHERE namespace = ? AND key = ?", deletes)
-            conn.executemany("INSERT INTO state_log (key, at, record) VALUES (?, ?, ?)",
-                             records)
+            _APPEND_LOG.run(conn, records)
 
         return self._committer.submit(request)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from journal.errors import Backpressure
 from journal.group_commit import Batchable, Handle
+from journal.multirow import MultiRowInsert
 from journal.records import (
     ENTRY_COLUMNS,
     GAP_SUBJECT,
@@ -294,26 +295,6 @@ class OutboxMixin:
             after_seq = rows[-1][0]
 
 
-class _MultiRowInsert:
-    """One INSERT statement per up to 256 rows: each statement releases the GIL once while
-    SQLite works, instead of once per row. A few fixed sizes keep them in the statement cache."""
-
-    SIZES = (256, 64, 16, 4, 1)
-
-    def __init__(self, head: str, row: str):
-        self.width = row.count("?")
-        self.statements = [(rows * self.width, head + ",".join([row] * rows))
-                           for rows in self.SIZES]
-
-    def run(self, conn: sqlite3.Connection, params: list[Any]) -> None:
-        """Insert the rows whose values follow each other in ``params``."""
-        start = 0
-        for width, statement in self.statements:
-            while len(params) - start >= width:
-                conn.execute(statement, params[start:start + width])
-                start += width
-
-
 # Outbox rows are inserted naming only the columns they fill: NULLs cost binding time too.
 _COMMON = ("seq", "key", "address", "subject", "properties", "body", "size", "created_at")
 _EVENT = (*_COMMON, "stream_seq")  # values: _COMMON's, then stream_seq
@@ -337,12 +318,12 @@ def _add_optional_columns(values: list[Any], **optional: Any) -> tuple[str, ...]
 
 
 @functools.cache
-def _outbox_insert(columns: tuple[str, ...]) -> _MultiRowInsert:
-    return _MultiRowInsert(f"INSERT INTO outbox ({', '.join(columns)}) VALUES ",
+def _outbox_insert(columns: tuple[str, ...]) -> MultiRowInsert:
+    return MultiRowInsert(f"INSERT INTO outbox ({', '.join(columns)}) VALUES ",
                            "(" + ", ".join(["?"] * len(columns)) + ")")
 
 
-_REMEMBER_OBJECTS = _MultiRowInsert(
+_REMEMBER_OBJECTS = MultiRowInsert(
     "INSERT OR REPLACE INTO objects (object_class, object_id, state, seq, dirty, updated_at) "
     "VALUES ", "(?, ?, ?, ?, 0, ?)")
 _FORGET_OBJECT = "DELETE FROM objects WHERE object_class = ? AND object_id = ?"

@@ -41,16 +41,16 @@ class Entry:
     size: int = field(init=False, repr=False, compare=False)  # counted against the bounds
 
     def __post_init__(self):
-        self.encoded_properties = encode_properties(self.properties)
+        self.encoded_properties = to_json(self.properties)
         self.size = len(self.body) + len(self.encoded_properties) + len(self.address)
 
 
-def encode_properties(properties: dict[str, Any]) -> str:
-    """``json.dumps(properties)``, without building a new encoder for every call (appends of
-    single entries from many threads make this a hot path)."""
+def to_json(value: Any) -> str:
+    """``json.dumps(value)``, without building a new encoder for every call (appends and
+    consumer state make this a hot path)."""
     if _encode_one_shot is None:
-        return json.dumps(properties)
-    return "".join(_encode_one_shot(properties, 0))
+        return json.dumps(value)
+    return "".join(_encode_one_shot(value, 0))
 
 
 _plain = json.JSONEncoder()

@@ -24,6 +24,7 @@ from typing import Any
 from proton import Message
 
 from relay import wire
+from relay.amqp_decode import ReceivedMessage
 from relay.console_link import ConsoleLink, Consumer, Token
 from relay.console_metrics import ConsoleMetrics
 from relay.errors import (
@@ -225,9 +226,9 @@ class Commander:
 
         self.link.send(self.addresses.commands_for(call.host), message, sent)
 
-    def _on_reply(self, message: Message, delivery: Token) -> None:
+    def _on_reply(self, message: ReceivedMessage, delivery: Token) -> None:
         try:
-            [item] = wire.unpack(dict(message.properties or {}), message_body(message),
+            [item] = wire.unpack(dict(message.properties or {}), message.body,
                                  message.content_encoding, str(message.id),
                                  message.subject or "")
             reply = item.body if isinstance(item.body, dict) else {}
@@ -285,9 +286,3 @@ class CommandClient:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
-
-
-def message_body(message: Message) -> bytes | str:
-    """A received message's body as bytes (proton may hand a memoryview)."""
-    body = message.body
-    return bytes(body) if isinstance(body, memoryview) else body

@@ -29,12 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from proton import Message
-
 from journal import Journal, JournalError
 from relay import wire
+from relay.amqp_decode import ReceivedMessage
 from relay.changes import STATS
-from relay.commander import Commander, message_body
+from relay.commander import Commander
 from relay.console_link import ConsoleLink, Consumer, Token
 from relay.console_metrics import ConsoleMetrics
 from relay.errors import ConsoleBusy, ConsoleError, RelayError
@@ -392,13 +391,13 @@ class Console:
                 not self._stopped.is_set()):
             self.commander.in_background(self._declare_until_done)  # a queue went missing
 
-    def _on_event(self, message: Message, delivery: Token) -> None:
+    def _on_event(self, message: ReceivedMessage, delivery: Token) -> None:
         if self._paused:
             self.link.settle([delivery], accept=False, replenish=False)
             self._owed_credit += 1
             return
         try:
-            items = wire.unpack(dict(message.properties or {}), message_body(message),
+            items = wire.unpack(dict(message.properties or {}), message.body,
                                 message.content_encoding, str(message.id),
                                 message.subject or "")
         except (ValueError, KeyError, TypeError, zlib.error) as exc:
@@ -482,7 +481,7 @@ class Console:
                 self.metrics.swept.inc()
             elif notice.kind == NOTICE_GAP:
                 self.metrics.gap_markers.inc()
-        if changes.notices:
+        if changes.notices and self._subscriptions:  # nobody listening: nothing to hand over
             self._notices.put(changes.notices)
         for host, key in changes.resyncs:
             self._send_resync(host, key)
