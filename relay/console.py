@@ -286,8 +286,8 @@ class Console:
     def history(self, host: str | None = None, limit: int = 20) -> list[Notice]:
         """The last ``limit`` changes applied (of one host), oldest first, from the journal."""
         records = self.journal.last_state_log(limit, f"{host}:" if host else "")
-        return [Notice(**{k: v for k, v in r.record.items() if k != "outcome"})
-                for r in records if r.record.get("outcome") == APPLIED]
+        return [Notice.from_record(r.record) for r in records
+                if r.record.get("outcome") == APPLIED]
 
     # -- live changes -------------------------------------------------------------------------
     def subscribe(self, callback: Callable[[Notice], None], host: str | None = None,
@@ -397,7 +397,7 @@ class Console:
             self._owed_credit += 1
             return
         try:
-            items = wire.unpack(dict(message.properties or {}), message.body,
+            items = wire.unpack(message.properties or {}, message.body,
                                 message.content_encoding, str(message.id),
                                 message.subject or "")
         except (ValueError, KeyError, TypeError, zlib.error) as exc:
@@ -474,15 +474,17 @@ class Console:
                 self.metrics.refused.inc(count)
             else:
                 self.metrics.stale.labels(_STALE_REASONS[outcome]).inc(count)
-        for notice in changes.notices:
-            if notice.kind == NOTICE_RESYNC:
-                self.metrics.resyncs.labels(notice.details["reason"]).inc()
-            elif notice.kind == NOTICE_SWEPT:
+        for _, record in changes.log:
+            if record["outcome"] != APPLIED:
+                continue
+            if record["kind"] == NOTICE_RESYNC:
+                self.metrics.resyncs.labels(record["details"]["reason"]).inc()
+            elif record["kind"] == NOTICE_SWEPT:
                 self.metrics.swept.inc()
-            elif notice.kind == NOTICE_GAP:
+            elif record["kind"] == NOTICE_GAP:
                 self.metrics.gap_markers.inc()
-        if changes.notices and self._subscriptions:  # nobody listening: nothing to hand over
-            self._notices.put(changes.notices)
+        if self._subscriptions and (notices := changes.notices):
+            self._notices.put(notices)
         for host, key in changes.resyncs:
             self._send_resync(host, key)
 

@@ -215,6 +215,11 @@ class Notice:
         """A JSON-able dict (the applied log and ``--json`` output)."""
         return _shallow(self)
 
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Notice:
+        """The notice an applied-log record describes."""
+        return cls(**{name: value for name, value in record.items() if name != "outcome"})
+
 
 @dataclass(frozen=True)
 class ObjectSnapshot:
@@ -259,9 +264,14 @@ class Changes:
     then publish and do."""
 
     writes: dict[tuple[str, str], Any]
-    log: list[tuple[str, dict[str, Any]]]
-    notices: list[Notice]
+    log: list[tuple[str, dict[str, Any]]]  # (key, Notice record with its outcome)
     resyncs: list[tuple[str, str]]  # (host, key) to send
+
+    @property
+    def notices(self) -> list[Notice]:
+        """What was applied, for subscribers (built on demand from the log)."""
+        return [Notice.from_record(record) for _, record in self.log
+                if record["outcome"] == APPLIED]
 
 
 class Fleet:
@@ -278,7 +288,6 @@ class Fleet:
         self._dirty_hosts: set[str] = set()
         self._dirty_objects: set[tuple[str, str, str]] = set()
         self._log: list[tuple[str, dict[str, Any]]] = []
-        self._notices: list[Notice] = []
         self._resyncs: list[tuple[str, str]] = []
 
     # -- persistence ----------------------------------------------------------------------
@@ -304,7 +313,7 @@ class Fleet:
             obj = view.objects.get((object_class, object_id)) if view else None
             writes[("object", _SEP.join((name, object_class, object_id)))] = (
                 _shallow(obj) if obj else None)
-        changes = Changes(writes, self._log, self._notices, self._resyncs)
+        changes = Changes(writes, self._log, self._resyncs)
         self._reset_pending()
         return changes
 
@@ -357,10 +366,12 @@ class Fleet:
                about: dict[str, Any], stream_seq: int) -> str:
         key = (str(body.get("class") or props.get("class")),
                str(body.get("id") or props.get("object_id")))
-        sample = body.get("origin") == STATS
-        notice = Notice(kind=NOTICE_STATS if sample else NOTICE_EVENT, object_class=key[0],
-                        object_id=key[1], event=body.get("event"), origin=body.get("origin"),
-                        state=body.get("state"), stats=body.get("stats"), **about)
+        origin = body.get("origin")
+        sample = origin == STATS
+        # the applied-log record of a Notice, built directly: this is the hot path of a console
+        record = {"kind": NOTICE_STATS if sample else NOTICE_EVENT, "object_class": key[0],
+                  "object_id": key[1], "event": body.get("event"), "origin": origin,
+                  "state": body.get("state"), "stats": body.get("stats"), "details": {}, **about}
         obj = view.objects.get(key)
         seq, epoch = about["seq"], view.epoch
         if sample:
@@ -369,15 +380,15 @@ class Fleet:
             elif obj.stats_epoch == epoch and seq <= obj.stats_seq:
                 outcome = STALE
             else:
-                obj.stats, obj.stats_epoch, obj.stats_seq = notice.stats, epoch, seq
-                obj.stats_at = notice.journaled_at
+                obj.stats, obj.stats_epoch, obj.stats_seq = record["stats"], epoch, seq
+                obj.stats_at = about["journaled_at"]
                 outcome = APPLIED
         else:
             tomb = view.tombstones.get(key)
             if (obj is not None and obj.epoch == epoch and seq <= obj.seq) or (
                     obj is None and tomb is not None and seq <= tomb[0]):
                 outcome = STALE
-            elif notice.state is None:
+            elif record["state"] is None:
                 view.objects.pop(key, None)
                 view.tombstones[key] = [seq, stream_seq]
                 outcome = APPLIED
@@ -385,8 +396,8 @@ class Fleet:
                 view.tombstones.pop(key, None)
                 stats = obj.stats if obj else None
                 view.objects[key] = ObjectView(
-                    state=notice.state, epoch=epoch, seq=seq, event=str(notice.event),
-                    origin=str(notice.origin), changed_at=notice.journaled_at or 0.0,
+                    state=record["state"], epoch=epoch, seq=seq, event=str(record["event"]),
+                    origin=str(origin), changed_at=about["journaled_at"] or 0.0,
                     generation=view.generation, stats=stats,
                     stats_epoch=obj.stats_epoch if obj else "",
                     stats_seq=obj.stats_seq if obj else 0,
@@ -394,7 +405,8 @@ class Fleet:
                 outcome = APPLIED
         if outcome == APPLIED:
             self._dirty_objects.add((view.host, *key))
-        self._record(notice, outcome)
+        record["outcome"] = outcome
+        self._log.append((about["key"], record))
         return outcome
 
     def _gap_marker(self, view: HostView, body: dict[str, Any], about: dict[str, Any],
@@ -540,8 +552,6 @@ class Fleet:
         record = notice.as_json()
         record["outcome"] = outcome
         self._log.append((notice.key or f"{notice.host}:console:{notice.kind}", record))
-        if outcome == APPLIED:
-            self._notices.append(notice)
 
     # -- reading ----------------------------------------------------------------------------
     def snapshot(self, now: float) -> dict[str, HostSnapshot]:

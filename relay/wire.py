@@ -166,7 +166,7 @@ def unpack(properties: dict[str, Any], body: bytes | str, content_encoding: str 
             raw = zlib.decompress(raw)
         return [Incoming(item["message_id"], item["subject"], item["properties"], item["body"])
                 for item in json.loads(raw)["items"]]
-    return [Incoming(message_id, subject, dict(properties), json.loads(raw))]
+    return [Incoming(message_id, subject, dict(properties), json.loads(raw.decode()))]
 
 
 # -- inbound: commands -----------------------------------------------------------------------

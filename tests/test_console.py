@@ -162,6 +162,8 @@ def test_a_message_lost_on_the_way_is_detected_as_a_gap_and_resynced(broker, tmp
         for domain in (victim, other):
             driver.call(b.id, "domain.start", domain)
         with running_console(tmp_path, broker.url, console_id) as console:
+            driver.call(b.id, "domain.suspend", other)  # a change its queue gets: it hears of b
+            driver.call(b.id, "domain.resume", other)
             assert_converges([console], b)
         driver.call(b.id, "domain.suspend", victim)  # queued for the stopped console...
         stolen = steal(broker.url, Addresses().console_events_for(console_id),
