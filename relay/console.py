@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 _STALE_REASONS = {STALE: "object-order", STALE_EPOCH: "epoch", IGNORED: "unknown-object"}
 _PRUNE_EVERY = 60.0
+_BUSY_BATCH, _GATHER_TARGET, _GATHER_SECONDS = 8, 256, 0.01  # see Console._gathering
 
 
 @dataclass
@@ -167,6 +168,9 @@ class Console:
         self.commander.attach(self.link)
         self._batch = _Batch()
         self._committing = False
+        self._last_batch_size = 0  # deliveries in the last commit (see _gathering)
+        self._last_commit_at = 0.0
+        self._gather_timer = False
         self._paused = False
         self._owed_credit = 0
         self._commit_backoff = Backoff(0.5, 30.0)
@@ -433,11 +437,12 @@ class Console:
         """Commit what the model changed, then accept the deliveries that changed it. One
         commit runs at a time; what arrives meanwhile forms the next batch. Runs when the link
         thread has handled a burst of deliveries, after each commit and on each tick."""
-        if self._committing or self._paused:
+        if self._committing or self._paused or self._gathering():
             return
         with self._lock:
             changes = self.fleet.take()
         batch, self._batch = self._batch, _Batch()
+        self._last_batch_size = len(batch.deliveries)
         if not changes.writes and not changes.log:
             self._committed(batch, changes)
             return
@@ -447,6 +452,27 @@ class Console:
         handle.add_done_callback(lambda done: self._on_link_thread(
             lambda: self._commit_done(batch, changes, done.exception(), started)))
 
+    def _gathering(self) -> bool:
+        """Under load (the last batch was large), wait for a larger batch: up to
+        ``_GATHER_SECONDS`` after the last commit, until ``_GATHER_TARGET`` deliveries are
+        waiting. Fewer, larger commits cost one fsync and one write per host each; a lone
+        change (the last batch was small) is committed at once."""
+        if (self._last_batch_size < _BUSY_BATCH or len(self._batch.deliveries) >= _GATHER_TARGET
+                or not self._batch.deliveries):
+            return False
+        wait = self._last_commit_at + _GATHER_SECONDS - time.monotonic()
+        if wait <= 0:
+            return False
+        if not self._gather_timer:
+            self._gather_timer = True
+            self.link.schedule(wait, self._gathered)
+        return True
+
+    def _gathered(self) -> None:
+        self._gather_timer = False
+        self._last_batch_size = 0
+        self._flush()
+
     def _on_link_thread(self, func: Callable[[], None]) -> None:
         """Hand ``func`` to the link thread, unless the console is stopping."""
         if not self._stopped.is_set():
@@ -455,10 +481,12 @@ class Console:
     def _commit_done(self, batch: _Batch, changes: Changes, error: BaseException | None,
                      started: float) -> None:
         self._committing = False
+        self._last_commit_at = time.monotonic()
         if error is not None:
             self._commit_failed(batch, error)
             return
         self.metrics.commit_seconds.observe(time.monotonic() - started)
+        self.metrics.commit_deliveries.observe(len(batch.deliveries))
         self._commit_backoff.reset()
         self._committed(batch, changes)
         self._flush()

@@ -45,6 +45,10 @@ class ConsoleMetrics:
             PREFIX + "commit_seconds", "Journal commit of one batch of applied messages.",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=r)
+        self.commit_deliveries = Histogram(
+            PREFIX + "commit_deliveries", "Deliveries accepted by one journal commit (under "
+            "load the console gathers larger batches).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)
         self.journal_errors = counter("journal_errors_total", "Batches the journal could not "
                                       "commit (their deliveries were released).")
         self.broker_connected = Gauge(PREFIX + "broker_connected",
