@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from proton import Delivery, Message
+from proton import Delivery
 
-from relay import wire
+from relay import amqp_codec, wire
 from relay.metrics import AgentMetrics
 from relay.outbound import OutboundStream
 from relay.proton_link import BrokerSettings, ProtonLink
@@ -200,12 +200,10 @@ class BrokerLink(ProtonLink):
                     self.stream.rejected(outgoing.seqs, f"address {address} routes to no queue")
 
     def _send(self, outgoing: wire.Outgoing) -> None:
-        message = Message(
-            id=outgoing.message_id, durable=True, subject=outgoing.subject,
-            body=outgoing.body, content_type=outgoing.content_type,
+        encoded = amqp_codec.encode(
+            message_id=outgoing.message_id, subject=outgoing.subject, body=outgoing.body,
+            content_type=outgoing.content_type, content_encoding=outgoing.content_encoding,
             properties=outgoing.properties, correlation_id=outgoing.correlation_id,
             creation_time=outgoing.created_at)
-        if outgoing.content_encoding:
-            message.content_encoding = outgoing.content_encoding
-        delivery = self.sender(outgoing.address).send(message)
+        delivery = amqp_codec.send(self.sender(outgoing.address), encoded)
         self._deliveries[delivery] = outgoing.seqs

@@ -24,7 +24,7 @@ from typing import Any
 from proton import Message
 
 from relay import wire
-from relay.amqp_decode import ReceivedMessage
+from relay.amqp_codec import ReceivedMessage
 from relay.console_link import ConsoleLink, Consumer, Token
 from relay.console_metrics import ConsoleMetrics
 from relay.errors import (

@@ -31,7 +31,7 @@ from typing import IO, Any
 
 from journal import Journal, JournalError
 from relay import wire
-from relay.amqp_decode import ReceivedMessage
+from relay.amqp_codec import ReceivedMessage
 from relay.changes import STATS
 from relay.commander import Commander
 from relay.console_link import ConsoleLink, Consumer, Token

@@ -16,7 +16,7 @@ from typing import Any
 
 from proton import Delivery, Handler, Message
 
-from relay.amqp_decode import ReceivedMessage, decode
+from relay.amqp_codec import ReceivedMessage, decode
 from relay.proton_link import BrokerSettings, ProtonLink
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class Consumer:
 
 class _Receiving(Handler):
     """The handler of one receiver, kept lean (a console's throughput is this thread's Python
-    per delivery): deliveries go straight to its consumer, decoded by ``amqp_decode``."""
+    per delivery): deliveries go straight to its consumer, decoded by ``amqp_codec``."""
 
     def __init__(self, owner: ConsoleLink, consumer: Consumer, generation: int):
         super().__init__()

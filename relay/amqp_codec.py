@@ -1,12 +1,16 @@
-"""Decoding received AMQP 1.0 messages without building proton ``Message`` objects.
+"""The AMQP 1.0 message format (part 3.2) for the messages virt-relay sends and receives,
+without building proton ``Message`` objects.
 
-proton's ``Message.decode`` costs about 40 us per message in Python (every field of every
-section becomes a wrapped Python object): as much as everything else a console does with an
-event. ``decode`` reads the bare message format (AMQP 1.0 part 3.2) itself: it skips the header,
-annotations and footer by their encoded size, and decodes the properties, the
-application-properties and the body (one data section or an amqp-value). What it does not know
+proton's ``Message`` costs about 40 us to decode and 30 us to encode in Python (every field of
+every section becomes a wrapped Python object): as much as everything else a console does with
+an event, or an agent with an entry. ``decode`` reads the bare format itself: it skips the
+header, annotations and footer by their encoded size, and decodes the properties, the
+application-properties and the body (one data section or an amqp-value); what it does not know
 (a symbolic section descriptor, an amqp-sequence body, a decimal or char value, a malformed
-encoding) is left to proton.
+encoding) is left to proton. ``encode`` writes what the agent sends (a durable header, the
+properties, application-properties of strings, numbers, booleans and nulls, an amqp-value
+body), using proton for anything else. ``send`` puts encoded bytes on a link as
+``Message.send`` does.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from proton import Message
+from proton import Delivery, Link, Message, Sender
 
 # Section descriptors (AMQP 1.0 part 3.2).
 _HEADER, _DELIVERY_ANNOTATIONS, _MESSAGE_ANNOTATIONS = 0x70, 0x71, 0x72
@@ -215,3 +219,114 @@ def _skip(buf: bytes, pos: int) -> int:
     if code in (0xd0, 0xd1, 0xb0, 0xb1, 0xb3):
         return pos + 5 + _U32(buf, pos + 1)[0]
     return _value(buf, pos)[1]
+
+
+# -- encoding ---------------------------------------------------------------------------------
+_DURABLE_HEADER = b"\x00\x53\x70\xc0\x02\x01\x41"  # header section: [durable=true]
+_SECTION = {_PROPERTIES: b"\x00\x53\x73", _APPLICATION_PROPERTIES: b"\x00\x53\x74",
+            _AMQP_VALUE: b"\x00\x53\x77"}
+_P64, _Pq, _Pd = struct.Struct(">Q").pack, struct.Struct(">q").pack, struct.Struct(">d").pack
+_P32 = struct.Struct(">I").pack
+
+
+def encode(*, message_id: str, body: bytes | str, subject: str | None = None,
+           content_type: str | None = None, content_encoding: str | None = None,
+           correlation_id: str | None = None, creation_time: float | None = None,
+           properties: dict[str, Any] | None = None) -> bytes:
+    """A durable message, encoded (by proton when a value is of a type not handled here)."""
+    try:
+        out = bytearray(_DURABLE_HEADER)
+        fields = [message_id, None, None, subject, None, correlation_id,
+                  _Symbol(content_type) if content_type else None,
+                  _Symbol(content_encoding) if content_encoding else None, None,
+                  _Timestamp(int(creation_time * 1000)) if creation_time is not None else None]
+        while fields and fields[-1] is None:
+            fields.pop()
+        out += _SECTION[_PROPERTIES]
+        _put_compound(out, fields, 0xc0, 0xd0)
+        if properties is not None:
+            out += _SECTION[_APPLICATION_PROPERTIES]
+            _put_compound(out, [item for pair in properties.items() for item in pair],
+                          0xc1, 0xd1)
+        out += _SECTION[_AMQP_VALUE]
+        _put(out, body)
+        return bytes(out)
+    except (_Unsupported, struct.error, UnicodeEncodeError):
+        message = Message(id=message_id, durable=True, subject=subject, body=body,
+                          content_type=content_type, correlation_id=correlation_id,
+                          properties=properties)
+        if content_encoding:
+            message.content_encoding = content_encoding
+        if creation_time is not None:
+            message.creation_time = creation_time
+        return message.encode()
+
+
+def send(sender: Sender, encoded: bytes) -> Delivery:
+    """Send ``encoded`` (a whole message) on ``sender``; return its delivery."""
+    delivery = sender.delivery(sender.delivery_tag())
+    sender.stream(encoded)
+    sender.advance()
+    if sender.snd_settle_mode == Link.SND_SETTLED:
+        delivery.settle()
+    return delivery
+
+
+class _Symbol(str):
+    """A string to encode as an AMQP symbol."""
+
+
+class _Timestamp(int):
+    """An integer to encode as an AMQP timestamp (ms since the epoch)."""
+
+
+def _put(out: bytearray, value: Any) -> None:
+    kind = type(value)
+    if kind is str or kind is _Symbol:
+        data = value.encode("ascii" if kind is _Symbol else "utf-8")
+        small, large = (0xa3, 0xb3) if kind is _Symbol else (0xa1, 0xb1)
+        if len(data) < 256:
+            out += bytes((small, len(data)))
+        else:
+            out.append(large)
+            out += _P32(len(data))
+        out += data
+    elif value is None:
+        out.append(0x40)
+    elif kind is bool:
+        out.append(0x41 if value else 0x42)
+    elif kind is int:
+        if -128 <= value <= 127:
+            out += bytes((0x55, value & 0xff))
+        else:
+            out.append(0x81)
+            out += _Pq(value)  # struct.error beyond 64 bits: proton decides
+    elif kind is float:
+        out.append(0x82)
+        out += _Pd(value)
+    elif kind is bytes:
+        if len(value) < 256:
+            out += bytes((0xa0, len(value)))
+        else:
+            out.append(0xb0)
+            out += _P32(len(value))
+        out += value
+    elif kind is _Timestamp:
+        out.append(0x83)
+        out += _Pq(value)
+    else:
+        raise _Unsupported(f"value of type {kind.__name__}")
+
+
+def _put_compound(out: bytearray, items: list[Any], small: int, large: int) -> None:
+    """A list (``small``/``large`` 0xc0/0xd0) or map (0xc1/0xd1) of ``items``."""
+    inner = bytearray()
+    for item in items:
+        _put(inner, item)
+    if len(inner) < 255 and len(items) < 256:
+        out += bytes((small, len(inner) + 1, len(items)))
+    else:
+        out.append(large)
+        out += _P32(len(inner) + 4)
+        out += _P32(len(items))
+    out += inner
