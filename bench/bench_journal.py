@@ -100,7 +100,7 @@ def append_group_commit() -> list[Result]:
             return threads * per_thread / (time.perf_counter() - started)
 
         value, baseline = _interleaved(
-            3, measure, lambda: _raw_inserts(Path(tmp, "raw.db"), threads * per_thread, 100))
+            5, measure, lambda: _raw_inserts(Path(tmp, "raw.db"), threads * per_thread, 100))
     return [Result("journal.append.group_commit", round(value), "entries/s",
                    "sqlite.raw.batch100", round(baseline))]
 
