@@ -25,7 +25,7 @@ from proton import Delivery, Link, Message, Sender
 # Section descriptors (AMQP 1.0 part 3.2).
 _HEADER, _DELIVERY_ANNOTATIONS, _MESSAGE_ANNOTATIONS = 0x70, 0x71, 0x72
 _PROPERTIES, _APPLICATION_PROPERTIES, _DATA = 0x73, 0x74, 0x75
-_AMQP_SEQUENCE, _AMQP_VALUE, _FOOTER = 0x76, 0x77, 0x78
+_AMQP_VALUE, _FOOTER = 0x77, 0x78  # 0x76, amqp-sequence, is left to proton
 _SKIPPED = (_HEADER, _DELIVERY_ANNOTATIONS, _MESSAGE_ANNOTATIONS, _FOOTER)
 
 _U16, _I16 = struct.Struct(">H").unpack_from, struct.Struct(">h").unpack_from
@@ -225,7 +225,7 @@ def _skip(buf: bytes, pos: int) -> int:
 _DURABLE_HEADER = b"\x00\x53\x70\xc0\x02\x01\x41"  # header section: [durable=true]
 _SECTION = {_PROPERTIES: b"\x00\x53\x73", _APPLICATION_PROPERTIES: b"\x00\x53\x74",
             _AMQP_VALUE: b"\x00\x53\x77"}
-_P64, _Pq, _Pd = struct.Struct(">Q").pack, struct.Struct(">q").pack, struct.Struct(">d").pack
+_Pq, _Pd = struct.Struct(">q").pack, struct.Struct(">d").pack
 _P32 = struct.Struct(">I").pack
 
 

@@ -228,7 +228,7 @@ class Commander:
 
     def _on_reply(self, message: ReceivedMessage, delivery: Token) -> None:
         try:
-            [item] = wire.unpack(dict(message.properties or {}), message.body,
+            [item] = wire.unpack(message.properties or {}, message.body,
                                  message.content_encoding, str(message.id),
                                  message.subject or "")
             reply = item.body if isinstance(item.body, dict) else {}

@@ -470,8 +470,7 @@ class Console:
 
     def _gathered(self) -> None:
         self._gather_timer = False
-        self._last_batch_size = 0
-        self._flush()
+        self._flush()  # the wait is over: _gathering lets it through
 
     def _on_link_thread(self, func: Callable[[], None]) -> None:
         """Hand ``func`` to the link thread, unless the console is stopping."""
