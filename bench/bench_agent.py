@@ -60,7 +60,7 @@ def raw_send_rate(url: str, address: str, journal_path: Path) -> float:
         messages = [
             Message(id=out.message_id, durable=True, subject=out.subject, body=out.body,
                     content_type=out.content_type, properties=out.properties,
-                    creation_time=out.created_at)
+                    creation_time=out.created_at, inferred=True)
             for out in (wire.outgoing(entry, journal.host_id, journal.epoch, entry.stream_seq)
                         for entry in journal.pending())]
     sender = _RawSender(url, address, messages)

@@ -185,7 +185,8 @@ class _Publisher(MessagingHandler):
             event.sender.send(Message(
                 id=outgoing.message_id, durable=True, subject=outgoing.subject,
                 body=outgoing.body, content_type=outgoing.content_type,
-                properties=outgoing.properties, creation_time=outgoing.created_at))
+                properties=outgoing.properties, creation_time=outgoing.created_at,
+                inferred=True))
 
     def on_accepted(self, event) -> None:
         self.outstanding -= 1

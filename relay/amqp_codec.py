@@ -8,8 +8,8 @@ header, annotations and footer by their encoded size, and decodes the properties
 application-properties and the body (one data section or an amqp-value); what it does not know
 (a symbolic section descriptor, an amqp-sequence body, a decimal or char value, a malformed
 encoding) is left to proton. ``encode`` writes what the agent sends (a durable header, the
-properties, application-properties of strings, numbers, booleans and nulls, an amqp-value
-body), using proton for anything else. ``send`` puts encoded bytes on a link as
+properties, application-properties of strings, numbers, booleans and nulls, the body as one
+data section), using proton for anything else. ``send`` puts encoded bytes on a link as
 ``Message.send`` does.
 """
 
@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from proton import Delivery, Link, Message, Sender
+from proton import Delivery, Link, Message, Sender, int32
 
 # Section descriptors (AMQP 1.0 part 3.2).
 _HEADER, _DELIVERY_ANNOTATIONS, _MESSAGE_ANNOTATIONS = 0x70, 0x71, 0x72
@@ -224,9 +224,9 @@ def _skip(buf: bytes, pos: int) -> int:
 # -- encoding ---------------------------------------------------------------------------------
 _DURABLE_HEADER = b"\x00\x53\x70\xc0\x02\x01\x41"  # header section: [durable=true]
 _SECTION = {_PROPERTIES: b"\x00\x53\x73", _APPLICATION_PROPERTIES: b"\x00\x53\x74",
-            _AMQP_VALUE: b"\x00\x53\x77"}
+            _DATA: b"\x00\x53\x75"}
 _Pq, _Pd = struct.Struct(">q").pack, struct.Struct(">d").pack
-_P32 = struct.Struct(">I").pack
+_P32, _P32i = struct.Struct(">I").pack, struct.Struct(">i").pack
 
 
 def encode(*, message_id: str, body: bytes | str, subject: str | None = None,
@@ -248,13 +248,14 @@ def encode(*, message_id: str, body: bytes | str, subject: str | None = None,
             out += _SECTION[_APPLICATION_PROPERTIES]
             _put_compound(out, [item for pair in properties.items() for item in pair],
                           0xc1, 0xd1)
-        out += _SECTION[_AMQP_VALUE]
-        _put(out, body)
+        out += _SECTION[_DATA]
+        _put(out, body.encode() if isinstance(body, str) else bytes(body))
         return bytes(out)
     except (_Unsupported, struct.error, UnicodeEncodeError):
-        message = Message(id=message_id, durable=True, subject=subject, body=body,
+        message = Message(id=message_id, durable=True, subject=subject,
+                          body=body.encode() if isinstance(body, str) else bytes(body),
                           content_type=content_type, correlation_id=correlation_id,
-                          properties=properties)
+                          properties=properties, inferred=True)
         if content_encoding:
             message.content_encoding = content_encoding
         if creation_time is not None:
@@ -301,6 +302,12 @@ def _put(out: bytearray, value: Any) -> None:
         else:
             out.append(0x81)
             out += _Pq(value)  # struct.error beyond 64 bits: proton decides
+    elif kind is int32:
+        if -128 <= value <= 127:
+            out += bytes((0x54, value & 0xff))
+        else:
+            out.append(0x71)
+            out += _P32i(value)
     elif kind is float:
         out.append(0x82)
         out += _Pd(value)

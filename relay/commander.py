@@ -213,7 +213,7 @@ class Commander:
                                  self.replies_address, correlation_id=call.key,
                                  deadline=call.deadline, secret=self.secret)
         message = Message(body=body, reply_to=self.replies_address, correlation_id=call.key,
-                          content_type=wire.CONTENT_TYPE)
+                          content_type=wire.CONTENT_TYPE, inferred=True)  # a data section
         self.metrics.commands_sent.labels(call.operation).inc()
 
         def sent(outcome: str) -> None:

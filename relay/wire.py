@@ -17,11 +17,23 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from proton import int32
+
 from journal import GAP_SUBJECT, Entry, OutboxEntry
 from relay.changes import Change
-from relay.errors import RelayError
+from relay.limits import (
+    MAX_KEY_CHARS,
+    MAX_TEXT_CHARS,
+    InvalidCommand,
+    body_bytes,
+    check_reply_address,
+    check_text,
+    json_object,
+)
 
 WIRE_VERSION = 1
+MAX_BATCH_BYTES = 64 * 1024 * 1024  # a decompressed batch, at most
+SCHEMA = int32(WIRE_VERSION)  # the `schema` property travels as an AMQP int (docs/wire.md)
 CONTENT_TYPE = "application/json"
 BATCH_CONTENT_TYPE = "application/vnd.virtrelay.batch+json"
 
@@ -40,20 +52,6 @@ OUTCOME_UNKNOWN = "outcome-unknown"
 # headers do not survive RabbitMQ's conversion to AMQP 1.0; the message id does); consumers
 # discard them.
 PROBE_MESSAGE_ID = "virtrelay-probe"
-
-MAX_COMMAND_BYTES = 64 * 1024
-COMMAND_FIELDS = {"key", "operation", "target", "args", "reply_to", "correlation_id",
-                  "deadline", "signature", "sent_at"}
-
-
-class InvalidCommand(RelayError):
-    """A command that cannot be executed; ``reason`` goes back to the sender."""
-
-    def __init__(self, reason: str, code: str = "invalid-command"):
-        self.reason = reason
-        self.code = code
-        super().__init__(reason)
-
 
 # -- outbound: events and replies -----------------------------------------------------------
 def event_entry(change: Change, address: str) -> Entry:
@@ -109,8 +107,10 @@ class Outgoing:
 def outgoing(entry: OutboxEntry, host: str, epoch: str, settled_below: int) -> Outgoing:
     """The message for one journal entry, with the identity properties added at send time."""
     properties = {**entry.properties, "host": host, "epoch": epoch, "seq": entry.seq,
-                  "stream_seq": entry.stream_seq, "schema": WIRE_VERSION,
-                  "journaled_at": entry.created_at, "settled_below": settled_below}
+                  "schema": SCHEMA, "journaled_at": entry.created_at,
+                  "settled_below": settled_below}
+    if entry.stream_seq is not None:  # statistics samples travel outside the dense stream
+        properties["stream_seq"] = entry.stream_seq
     properties.setdefault("kind", GAP if entry.subject == GAP_SUBJECT else EVENT)
     if entry.replaces is not None:
         properties["replaces"] = entry.replaces
@@ -140,7 +140,7 @@ def batch(entries: list[OutboxEntry], host: str, epoch: str, settled_below: int,
         address=entries[0].address, message_id=f"{host}:{epoch}:batch:{first}-{last}",
         subject=BATCH, body=body, content_type=BATCH_CONTENT_TYPE, content_encoding=encoding,
         properties={"kind": BATCH, "host": host, "epoch": epoch, "first_seq": first,
-                    "last_seq": last, "count": len(entries), "schema": WIRE_VERSION,
+                    "last_seq": last, "count": len(entries), "schema": SCHEMA,
                     "settled_below": settled_below},
         seqs=tuple(entry.seq for entry in entries))
 
@@ -155,18 +155,42 @@ class Incoming:
     body: Any
 
 
-def unpack(properties: dict[str, Any], body: bytes | str, content_encoding: str | None,
+def unpack(properties: dict[str, Any], body: Any, content_encoding: str | None,
            message_id: str, subject: str) -> list[Incoming]:
-    """Decode an event, gap, reply or batch message into logical messages."""
+    """Decode an event, gap, reply or batch message into logical messages (``ValueError`` when
+    the body is not JSON in a data section or an amqp-value of binary or string)."""
     if message_id == PROBE_MESSAGE_ID:
         return []
-    raw = body.encode() if isinstance(body, str) else bytes(body)
-    if properties.get("kind") == BATCH:
-        if content_encoding == "deflate":
-            raw = zlib.decompress(raw)
-        return [Incoming(item["message_id"], item["subject"], item["properties"], item["body"])
-                for item in json.loads(raw)["items"]]
-    return [Incoming(message_id, subject, dict(properties), json.loads(raw.decode()))]
+    if isinstance(body, str):
+        raw = body.encode("utf-8", "surrogatepass")
+    elif isinstance(body, (bytes, bytearray, memoryview)):
+        raw = bytes(body)
+    else:
+        raise ValueError(f"body is an AMQP {type(body).__name__}, not JSON")
+    try:
+        if properties.get("kind") == BATCH:
+            if content_encoding == "deflate":
+                raw = _inflate(raw)
+            return [_item(item) for item in json.loads(raw)["items"]]
+        return [Incoming(message_id, subject, dict(properties), json.loads(raw))]
+    except RecursionError:
+        raise ValueError("JSON nested too deep") from None
+
+
+def _item(item: Any) -> Incoming:
+    if not isinstance(item, dict) or not isinstance(item.get("properties"), dict):
+        raise ValueError("a batch item is not a message")
+    return Incoming(str(item.get("message_id")), str(item.get("subject")), item["properties"],
+                    item.get("body"))
+
+
+def _inflate(raw: bytes) -> bytes:
+    """zlib-decompress at most ``MAX_BATCH_BYTES`` (a hostile batch cannot balloon)."""
+    inflater = zlib.decompressobj()
+    out = inflater.decompress(raw, MAX_BATCH_BYTES)
+    if inflater.unconsumed_tail:
+        raise ValueError(f"batch inflates beyond {MAX_BATCH_BYTES} bytes")
+    return out
 
 
 # -- inbound: commands -----------------------------------------------------------------------
@@ -182,62 +206,67 @@ def command_body(key: str, operation: str, target: str | None, args: dict[str, A
     return _dumps(command)
 
 
-def sign(command: dict[str, Any], secret: bytes) -> str:
-    """HMAC-SHA256 over the canonical JSON of the command without its signature."""
+def canonical(command: dict[str, Any]) -> bytes:
+    """The bytes a signature covers: the envelope without ``signature``, as JSON with keys
+    sorted by code point, separators ``,`` and ``:``, non-ASCII escaped as ``\\uXXXX``."""
     unsigned = {k: v for k, v in command.items() if k != "signature"}
-    digest = hmac.new(secret, json.dumps(unsigned, sort_keys=True, separators=(",", ":"))
-                      .encode(), hashlib.sha256).digest()
-    return base64.b64encode(digest).decode()
+    return json.dumps(unsigned, sort_keys=True, separators=(",", ":")).encode()
 
 
-def parse_command(body: bytes | str | None, secret: bytes | None = None,
-                  require_signature: bool = False, now: float | None = None) -> dict[str, Any]:
+def sign(command: dict[str, Any], secret: bytes) -> str:
+    """HMAC-SHA256 (base64) over ``canonical(command)``."""
+    return base64.b64encode(hmac.new(secret, canonical(command), hashlib.sha256).digest()).decode()
+
+
+def parse_command(body: Any, secret: bytes | None = None, require_signature: bool = False,
+                  now: float | None = None, replies: list[str] | None = None
+                  ) -> dict[str, Any]:
     """Decode and check a command envelope; raise ``InvalidCommand`` with the reason.
 
-    Checks size, JSON, fields and their types, deadline and signature. Operation-specific
-    arguments are checked by the operation registry.
+    Checks the body's section type and size, JSON depth and text, fields and their types, the
+    signature (over the envelope as received), the reply address (``replies``: an allow-list)
+    and the deadline; then defaults ``args``. Operation-specific arguments are checked by the
+    operation registry. Unknown envelope fields are kept and otherwise ignored.
     """
-    if body is None:
-        raise InvalidCommand("empty message body: send the command as a JSON object")
-    raw = body.encode() if isinstance(body, str) else bytes(body)
-    if len(raw) > MAX_COMMAND_BYTES:
-        raise InvalidCommand(f"command of {len(raw)} bytes exceeds {MAX_COMMAND_BYTES} bytes",
-                             "oversize")
-    try:
-        command = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidCommand(f"body is not JSON: {exc}") from exc
-    if not isinstance(command, dict):
-        raise InvalidCommand("body must be a JSON object")
-    unknown = set(command) - COMMAND_FIELDS
-    if unknown:
-        raise InvalidCommand(f"unknown envelope fields: {sorted(unknown)}")
+    command = json_object(body_bytes(body))
     key = command.get("key")
-    if not isinstance(key, str) or not key or len(key) > 200:
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS:
         raise InvalidCommand("missing idempotency key: set `key` to a unique string "
-                             "(at most 200 characters)", "missing-key")
+                             f"(at most {MAX_KEY_CHARS} characters)", "missing-key")
     if not isinstance(command.get("operation"), str):
         raise InvalidCommand("missing `operation` (e.g. domain.start)")
-    if command.get("target") is not None and not isinstance(command["target"], str):
-        raise InvalidCommand("`target` must be a string (uuid, name, or volume key)")
-    if not isinstance(command.setdefault("args", {}), dict):
+    for name, limit in MAX_TEXT_CHARS.items():
+        value = command.get(name)
+        if value is not None and not isinstance(value, str):
+            raise InvalidCommand(f"`{name}` must be a string")
+        if value is not None:
+            check_text(value, f"`{name}`", limit)
+    if command.get("args") is not None and not isinstance(command["args"], dict):
         raise InvalidCommand("`args` must be a JSON object")
     deadline = command.get("deadline")
-    if deadline is not None:
-        if not isinstance(deadline, (int, float)):
-            raise InvalidCommand("`deadline` must be a Unix time in seconds")
-        if deadline < (time.time() if now is None else now):
-            raise InvalidCommand("deadline expired before the agent received the command",
-                                 "expired")
+    if deadline is not None and (isinstance(deadline, bool)
+                                 or not isinstance(deadline, (int, float))):
+        raise InvalidCommand("`deadline` must be a Unix time in seconds")
     if secret is not None and (require_signature or "signature" in command):
-        signature = command.get("signature")
-        if not isinstance(signature, str):
-            raise InvalidCommand("unsigned command: this agent requires an HMAC signature",
-                                 "unsigned")
-        if not hmac.compare_digest(signature, sign(command, secret)):
-            raise InvalidCommand("bad signature: the command was not signed with this "
-                                 "agent's shared key", "bad-signature")
+        _verify(command, secret)
+    if command.get("reply_to") is not None:
+        check_reply_address(command["reply_to"], replies)
+    if deadline is not None and deadline < (time.time() if now is None else now):
+        raise InvalidCommand("deadline expired before the agent received the command",
+                             "expired")
+    if command.get("args") is None:
+        command["args"] = {}
     return command
+
+
+def _verify(command: dict[str, Any], secret: bytes) -> None:
+    signature = command.get("signature")
+    if not isinstance(signature, str):
+        raise InvalidCommand("unsigned command: this agent requires an HMAC signature",
+                             "unsigned")
+    if not (signature.isascii() and hmac.compare_digest(signature, sign(command, secret))):
+        raise InvalidCommand("bad signature: the command was not signed with this "
+                             "agent's shared key", "bad-signature")
 
 
 def _dumps(value: Any) -> bytes:
