@@ -83,6 +83,12 @@ class InboxMixin:
             states).fetchall()
         return [(key, json.loads(command)) for key, command in rows]
 
+    def command_outcome(self, key: str) -> tuple[str | None, Entry | None]:
+        """A command's state and stored reply ((None, None) when it is unknown here)."""
+        row = self._reader().execute("SELECT state, reply FROM inbox WHERE key = ?",
+                                     (key,)).fetchone()
+        return (row[0], entry_from_json(row[1])) if row else (None, None)
+
     def command_state(self, key: str) -> str | None:
         """The state of one command, or None when it is unknown here."""
         row = self._reader().execute("SELECT state FROM inbox WHERE key = ?", (key,)).fetchone()

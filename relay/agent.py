@@ -110,7 +110,8 @@ class Agent:
             on_refresh=self._refresh,
             workers=config.commands.workers, allow=config.commands.allow,
             secret=secret.encode() if secret else None,
-            require_signature=config.commands.require_signature)
+            require_signature=config.commands.require_signature,
+            replies=config.topology.replies)
         self.topology = TopologyGuard(config, self.addresses, lambda: self.link.connected_url,
                                       admin_ssl_context(self.settings), self.metrics,
                                       on_verdict=self._wake_link,
@@ -192,8 +193,8 @@ class Agent:
     def _wake_link(self) -> None:
         self.link.wake()
 
-    def _settle(self, delivery, accept: bool) -> None:
-        self.link.settle_command(delivery, accept)
+    def _settle(self, delivery, accept: bool, refusal=None) -> None:
+        self.link.settle_command(delivery, accept, refusal)
 
     def _refresh(self, full: bool) -> dict[str, int]:
         """A console asked for a resync (``full`` republishes every object): reconcile, wait

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from proton import Delivery
+from proton import Condition, Delivery
 
 from relay import amqp_codec, wire
 from relay.metrics import AgentMetrics
@@ -72,9 +72,11 @@ class BrokerLink(ProtonLink):
         """New outbox entries are durable: send what can be sent."""
         self.call_soon(self._pump)
 
-    def settle_command(self, delivery: CommandDelivery, accept: bool = True) -> None:
-        """Accept (or release) a command delivery, from any thread."""
-        self.call_soon(lambda: self._settle(delivery.token, accept))
+    def settle_command(self, delivery: CommandDelivery, accept: bool = True,
+                       refusal: wire.InvalidCommand | None = None) -> None:
+        """Accept (or release) a command delivery, or reject it for ``refusal`` (the error
+        condition ``virtrelay:<code>`` says why); from any thread."""
+        self.call_soon(lambda: self._settle(delivery.token, accept, refusal))
 
     # -- ProtonLink hooks -----------------------------------------------------------------------
     def started(self) -> None:
@@ -127,14 +129,29 @@ class BrokerLink(ProtonLink):
         message, delivery = event.message, event.delivery
         if self.on_command is None:
             return
-        self.on_command(CommandDelivery(
-            body=message.body, properties=dict(message.properties or {}), message_id=message.id,
-            correlation_id=message.correlation_id, reply_to=message.reply_to, token=delivery))
+        try:
+            properties = message.properties
+            self.on_command(CommandDelivery(
+                body=message.body, properties=properties if isinstance(properties, dict) else {},
+                message_id=message.id, correlation_id=message.correlation_id,
+                reply_to=message.reply_to, token=delivery))
+        except Exception as exc:  # no single message may take the link down
+            refusal = wire.InvalidCommand(f"the agent could not handle this message: {exc!r}",
+                                          "internal-error")
+            self.metrics.commands_rejected.labels(refusal.code).inc()
+            log.exception("rejecting a command message the agent could not handle")
+            self._settle(delivery, False, refusal)
 
-    def _settle(self, delivery: Delivery, accept: bool) -> None:
+    def _settle(self, delivery: Delivery, accept: bool,
+                refusal: wire.InvalidCommand | None = None) -> None:
         if delivery.settled or delivery.link.connection != self._connection:
             return  # that connection is gone: the broker will redeliver
-        delivery.update(Delivery.ACCEPTED if accept else Delivery.RELEASED)
+        if refusal is not None:
+            delivery.local.condition = Condition(f"virtrelay:{refusal.code}",
+                                                 refusal.reason[:500])
+            delivery.update(Delivery.REJECTED)
+        else:
+            delivery.update(Delivery.ACCEPTED if accept else Delivery.RELEASED)
         delivery.settle()
         delivery.link.flow(1)
 

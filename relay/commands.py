@@ -10,7 +10,6 @@ re-run only when provably not done, otherwise reported as outcome unknown.
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 import threading
 import time
@@ -19,8 +18,18 @@ from typing import Any
 
 import libvirt
 
-from journal import DONE, EXECUTING, FAILED, RECEIVED, UNKNOWN, Journal, JournalFull
-from relay import wire
+from journal import (
+    DONE,
+    EXECUTING,
+    FAILED,
+    RECEIVED,
+    UNKNOWN,
+    Backpressure,
+    Journal,
+    JournalFull,
+)
+from journal.schema import FINAL_STATES
+from relay import limits, wire
 from relay.amqp_link import CommandDelivery
 from relay.errors import LibvirtError, RelayError
 from relay.faults import crash_point
@@ -32,7 +41,10 @@ from relay.operations import OPERATIONS, Operation, lookup, resolve
 log = logging.getLogger(__name__)
 _RECORD_RETRY = 5.0  # seconds between attempts to record a result on a full disk
 
-Settle = Callable[[CommandDelivery, bool], None]
+_UNTRUSTED = ("unsigned", "bad-signature")  # refusals whose key must not be recorded
+
+# settle(delivery, accept, refusal): accept, release (accept False), or reject for refusal.
+Settle = Callable[..., None]
 
 
 class CommandProcessor:
@@ -42,7 +54,7 @@ class CommandProcessor:
                  settle: Settle, wake: Callable[[], None], metrics: AgentMetrics,
                  on_refresh: Callable[[bool], Any], workers: int = 4,
                  allow: list[str] | None = None, secret: bytes | None = None,
-                 require_signature: bool = False):
+                 require_signature: bool = False, replies: list[str] | None = None):
         self.journal = journal
         self.connection = connection
         self.settle = settle
@@ -52,7 +64,11 @@ class CommandProcessor:
         self.allow = allow or ["*"]
         self.secret = secret
         self.require_signature = require_signature
+        self.replies = replies or []
         self.lanes = Lanes(workers, name="command")
+        self._lock = threading.Lock()
+        self._owed: dict[str, int] = {}  # key queued or running -> duplicates owed its reply
+        self._refusals = _RefusalLog()
 
     def start(self) -> None:
         """Start the workers."""
@@ -73,9 +89,10 @@ class CommandProcessor:
             self.settle(delivery, True)  # a route check, not a command
             return
         try:
-            command = wire.parse_command(delivery.body, self.secret, self.require_signature)
-            if delivery.reply_to and not command.get("reply_to"):
-                command["reply_to"] = delivery.reply_to
+            command = wire.parse_command(delivery.body, self.secret, self.require_signature,
+                                         replies=self.replies)
+            if command.get("reply_to") is None and delivery.reply_to:
+                command["reply_to"] = limits.check_reply_address(delivery.reply_to, self.replies)
             operation = resolve(command["operation"], self.allowed)
             operation.check_args(command["args"])
             if operation.needs_target and not command.get("target"):
@@ -92,46 +109,60 @@ class CommandProcessor:
     def _received(self, delivery: CommandDelivery, command: dict[str, Any],
                   operation: Operation, handle) -> None:
         error = handle.exception()
-        if error is not None:
+        if isinstance(error, (JournalFull, Backpressure)):
             log.error("could not commit command %s to the inbox (%s); releasing it for "
                       "redelivery in %.0f s", command["key"], error, _RECORD_RETRY)
             release = threading.Timer(_RECORD_RETRY, self.settle, args=(delivery, False))
             release.daemon = True  # not at once: the broker would hand it back in a hot loop
             release.start()
             return
+        if error is not None:
+            self.lanes.submit("invalid", lambda: self._refuse(delivery, wire.InvalidCommand(
+                f"the agent could not record this command: {error}", "internal-error")))
+            return
         received = handle.wait()
         crash_point("command.after-inbox")
         self.settle(delivery, True)
+        key = command["key"]
         if received.is_new:
-            self._queue(command["key"], command, operation)
+            self._queue(key, command, operation)
             return
         self.metrics.commands_duplicate.labels(operation.name).inc()
-        if received.reply is not None:
-            self.journal.append_async([received.reply]).add_done_callback(lambda _: self.wake())
+        reply = received.reply
+        if reply is None and received.state not in FINAL_STATES:
+            with self._lock:
+                state, reply = self.journal.command_outcome(key)
+                if state not in FINAL_STATES:  # queued or running: it gets a copy when done
+                    self._owed[key] = self._owed.get(key, 0) + 1
+                    return
+        if reply is not None:
+            self.journal.append_async([reply]).add_done_callback(lambda _: self.wake())
 
     def _refuse(self, delivery: CommandDelivery, invalid: wire.InvalidCommand) -> None:
-        """Reply with the reason, count it, record it under its key when it has one."""
+        """Count it, reply with the reason when the command names a usable address, record it
+        under its key when it has one, and reject the delivery (a terminal outcome)."""
         self.metrics.commands_rejected.labels(invalid.code).inc()
-        command = _best_effort_envelope(delivery)
+        command = _best_effort_envelope(delivery, self.replies)
+        key = command["key"]
+        self._refusals.log(invalid.code, f"refused command {key!r}: {invalid.reason}")
         reply = wire.reply_entry(command, wire.ERROR, error=invalid.reason, code=invalid.code)
-        log.warning("refused command %s: %s", command.get("key"), invalid.reason)
-        key = command.get("key")
-        trusted_key = isinstance(key, str) and invalid.code not in ("unsigned", "bad-signature")
+        trusted_key = key is not None and invalid.code not in _UNTRUSTED
         try:
             if trusted_key and self.journal.receive(key, command).is_new:
                 self.journal.record_result(key, FAILED, {"error": invalid.reason}, reply)
             elif reply is not None:
                 self.journal.append([reply])
         except RelayError as exc:
-            log.error("could not journal the refusal of %s (%s); releasing it", key, exc)
-            self.settle(delivery, False)
-            return
-        self.settle(delivery, True)
+            log.error("could not journal the refusal of %r (%s); rejecting it unanswered",
+                      key, exc)
+        self.settle(delivery, False, invalid)
         self.wake()
 
     # -- executing (workers) ----------------------------------------------------------------
     def _queue(self, key: str, command: dict[str, Any], operation: Operation,
                recovering: bool = False) -> None:
+        with self._lock:
+            self._owed.setdefault(key, 0)
         lane = (operation.target_class, command.get("target") or "")
         self.lanes.submit(lane, lambda: self._execute(key, command, operation, recovering))
 
@@ -165,6 +196,10 @@ class CommandProcessor:
         except LibvirtError as error:
             self._finish(key, command, FAILED, wire.ERROR, error=str(error),
                          code=type(error).__name__)
+        except Exception as error:  # recorded, never left `received` to fail at every start
+            log.exception("command %s (%s) failed unexpectedly", key, operation.name)
+            self._finish(key, command, FAILED, wire.ERROR, code="internal-error",
+                         error=f"the agent failed running this command: {error!r}")
         finally:
             self.metrics.command_duration.labels(operation.name).observe(
                 time.monotonic() - started)
@@ -210,6 +245,10 @@ class CommandProcessor:
             retry.start()
             return
         self.metrics.commands_executed.labels(command["operation"], status).inc()
+        with self._lock:
+            owed = self._owed.pop(key, 0)
+        if reply is not None and owed:  # duplicates that arrived while it was queued or ran
+            self.journal.append([reply] * owed)
         self.wake()
 
     def recover(self) -> int:
@@ -217,7 +256,9 @@ class CommandProcessor:
         pending = self.journal.commands(RECEIVED, EXECUTING)
         for key, command in pending:
             operation = OPERATIONS.get(command.get("operation"))
-            if operation is None:
+            if operation is None:  # recorded by an older version: settle it, once
+                self._finish(key, command, FAILED, wire.ERROR, code="unknown-operation",
+                             error=f"unknown operation {command.get('operation')!r}")
                 continue
             state = self.journal.command_state(key)
             self._queue(key, command, operation, recovering=state == EXECUTING)
@@ -226,16 +267,41 @@ class CommandProcessor:
         return len(pending)
 
 
-def _best_effort_envelope(delivery: CommandDelivery) -> dict[str, Any]:
-    """What can be read of a refused command: enough to address the error reply."""
+def _best_effort_envelope(delivery: CommandDelivery, replies: list[str]) -> dict[str, Any]:
+    """What can be read of a refused command, each field checked: enough to address the
+    error reply (no reply when it names no usable address)."""
     try:
-        raw = delivery.body.encode() if isinstance(delivery.body, str) else bytes(delivery.body)
-        command = json.loads(raw)
-        if not isinstance(command, dict):
-            command = {}
-    except (TypeError, ValueError):
+        command = limits.json_object(limits.body_bytes(delivery.body))
+    except wire.InvalidCommand:
         command = {}
-    command.setdefault("reply_to", delivery.reply_to)
-    command.setdefault("correlation_id", delivery.correlation_id)
-    return {k: command.get(k) for k in ("key", "operation", "target", "args", "reply_to",
-                                        "correlation_id", "deadline")}
+    text = {name: limits.text_or_none(command.get(name), size)
+            for name, size in limits.MAX_TEXT_CHARS.items()}
+    return {"key": limits.text_or_none(command.get("key"), limits.MAX_KEY_CHARS),
+            "operation": text["operation"], "target": text["target"],
+            "reply_to": limits.reply_address_or_none(command.get("reply_to", delivery.reply_to),
+                                                     replies),
+            "correlation_id": text["correlation_id"] or limits.text_or_none(
+                delivery.correlation_id, limits.MAX_TEXT_CHARS["correlation_id"])}
+
+
+class _RefusalLog:
+    """Refusal log lines, at most ``burst`` per code per minute, then one summary line."""
+
+    def __init__(self, burst: int = 10, period: float = 60.0):
+        self.burst, self.period = burst, period
+        self._windows: dict[str, list] = {}  # code -> [window start, lines, suppressed]
+        self._lock = threading.Lock()
+
+    def log(self, code: str, line: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            window = self._windows.setdefault(code, [now, 0, 0])
+            if now - window[0] >= self.period:
+                if window[2]:
+                    log.warning("%d more refusals (%s) were not logged", window[2], code)
+                window[:] = [now, 0, 0]
+            window[1] += 1
+            if window[1] > self.burst:
+                window[2] += 1
+                return
+        log.warning("%s", line)

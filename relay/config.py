@@ -74,6 +74,7 @@ class TopologyConfig:
     events_exchange: str = "virtrelay.events"
     events: str = "/exchange/virtrelay.events/{host}"
     commands: str = "/amq/queue/virtrelay.commands.{host}"
+    replies: list[str] = field(default_factory=list)  # allowed reply addresses; empty: any
 
 
 @dataclass
