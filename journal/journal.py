@@ -41,7 +41,7 @@ from journal.records import (
     JournalStats,
     OpenReport,
 )
-from journal.schema import COALESCED, DELIVERED, FINAL_STATES, REJECTED
+from journal.schema import COALESCED, DELIVERED, FINAL_STATES, REJECTED, UNDELIVERABLE
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +303,7 @@ class Journal(OutboxMixin, InboxMixin, ConsumerStateMixin):
             backlog_bytes=pending_bytes,
             oldest_undelivered_age=(time.time() - oldest) if oldest else 0.0,
             delivered_entries=counts.get(DELIVERED, 0), rejected_entries=counts.get(REJECTED, 0),
+            undeliverable_entries=counts.get(UNDELIVERABLE, 0),
             dropped_total=int(meta["dropped_total"]), coalesced_total=int(meta["coalesced_total"]),
             inbox=inbox, file_bytes=file_bytes)
 

@@ -25,7 +25,7 @@ from journal.records import (
     entry_from_row,
     row_dict,
 )
-from journal.schema import COALESCED, DELIVERED, REJECTED
+from journal.schema import COALESCED, DELIVERED, REJECTED, UNDELIVERABLE
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +238,12 @@ class OutboxMixin:
         """Record the broker's ``rejected``: kept with its reason, counted, never resent."""
         log.error("outbox entry %d was rejected by the broker: %s", seq, reason)
         return self._committer.run(lambda conn: self._settle(conn, [seq], REJECTED, reason))
+
+    def mark_undeliverable(self, seqs: Iterable[int], reason: str) -> int:
+        """Record that these replies cannot be routed: kept with the reason, never resent."""
+        seqs = list(seqs)
+        return self._committer.run(
+            lambda conn: self._settle(conn, seqs, UNDELIVERABLE, reason))
 
     def _settle(self, conn: sqlite3.Connection, seqs: list[int], state: int,
                 reason: str | None) -> int:

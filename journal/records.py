@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from journal.schema import COALESCED, DELIVERED, PENDING, REJECTED
+from journal.schema import COALESCED, DELIVERED, PENDING, REJECTED, UNDELIVERABLE
 
 UNCONFIRMED = {"__unconfirmed__": True}  # published state of an object whose change was lost
 GAP_SUBJECT = "gap"
@@ -110,6 +110,7 @@ class JournalStats:
     oldest_undelivered_age: float
     delivered_entries: int
     rejected_entries: int
+    undeliverable_entries: int
     dropped_total: int
     coalesced_total: int
     inbox: dict[str, int]
@@ -129,7 +130,7 @@ class StateLogRecord:
 ENTRY_COLUMNS = ("seq, key, address, subject, properties, body, created_at, attempts, "
                   "object_class, object_id, coalesce_key, replaces, stream_seq")
 STATE_NAMES = {PENDING: "pending", DELIVERED: "delivered", REJECTED: "rejected",
-                COALESCED: "coalesced"}
+                COALESCED: "coalesced", UNDELIVERABLE: "undeliverable"}
 
 
 def entry_from_row(row: tuple) -> OutboxEntry:

@@ -18,6 +18,7 @@ PENDING = 0  # waiting for the broker
 DELIVERED = 1  # settled `accepted` by the broker
 REJECTED = 2  # settled `rejected`: kept for inspection, never resent
 COALESCED = 3  # replaced by a newer entry with the same coalesce key (see superseded_by)
+UNDELIVERABLE = 4  # a reply whose address cannot be routed (checked, bounded tries): kept
 
 # Inbox command states.
 RECEIVED = "received"
@@ -77,7 +78,13 @@ def _v2(db: sqlite_utils.Database) -> None:
     db["state_log"].create_index(["key"])
 
 
-MIGRATIONS = [_v1, _v2]
+def _v3(db: sqlite_utils.Database) -> None:
+    """Outbox state 4, ``UNDELIVERABLE`` (older code would count such rows as nothing known):
+    replies whose address cannot be routed, kept for inspection by address."""
+    db.execute("CREATE INDEX outbox_undeliverable ON outbox(address, seq) WHERE state = 4")
+
+
+MIGRATIONS = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -24,6 +24,7 @@ from relay.proton_link import BrokerSettings, ProtonLink
 log = logging.getLogger(__name__)
 
 _FLUSH_INTERVAL = 0.2  # seconds between journal commits of `accepted` marks when quiet
+_PARKED_PER_IN_FLIGHT = 10  # messages awaiting an address check, per max_in_flight
 
 
 @dataclass
@@ -183,8 +184,11 @@ class BrokerLink(ProtonLink):
             return
         self._ensure_receiver()
         self._send_parked()
-        room = self.settings.max_in_flight - len(self._deliveries) - sum(
-            len(p) for p in self._parked.values())
+        # Messages parked for an address not checked yet do not take room from the others
+        # (a reply to an unknown address never holds up events), up to a bound of their own.
+        parked = sum(len(p) for p in self._parked.values())
+        room = min(self.settings.max_in_flight - len(self._deliveries),
+                   _PARKED_PER_IN_FLIGHT * self.settings.max_in_flight - parked)
         if room > 0:
             for outgoing in self.stream.take(room):
                 # Behind parked messages of its address, a message waits its turn even if the
@@ -214,7 +218,8 @@ class BrokerLink(ProtonLink):
                 if verdict:
                     self._send(outgoing)
                 else:
-                    self.stream.rejected(outgoing.seqs, f"address {address} routes to no queue")
+                    self.stream.undeliverable(outgoing.seqs,
+                                              f"address {address} routes to no queue")
 
     def _send(self, outgoing: wire.Outgoing) -> None:
         encoded = amqp_codec.encode(

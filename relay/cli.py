@@ -202,7 +202,10 @@ def _journal(args) -> int:
                 print(f"{args.path}: CORRUPT ({len(problems)} problems); the agent quarantines "
                       "it at its next start", file=sys.stderr)
                 return EXIT_ERROR
-            print(f"{args.path}: ok (host {journal.host_id}, epoch {journal.epoch})")
+            stats = journal.stats()
+            print(f"{args.path}: ok (host {journal.host_id}, epoch {journal.epoch}; "
+                  f"{stats.undeliverable_entries} undeliverable replies, "
+                  f"{stats.rejected_entries} rejected entries)")
         elif args.action == "dump":
             for record in journal.entries(after_seq=args.after):
                 print(json.dumps(record), flush=False)

@@ -65,6 +65,9 @@ class AgentMetrics:
                                  "Entries the broker settled `accepted`.")
         self.rejected = counter("outbox_rejected_total",
                                 "Entries the broker settled `rejected` (kept, never resent).")
+        self.undeliverable = counter(
+            "outbox_undeliverable_total",
+            "Replies whose address routes nowhere after bounded checks (kept, never resent).")
         self.released = counter("outbox_released_total",
                                 "Deliveries the broker settled `released` (sent again).")
         # ``dropped`` and ``coalesced`` also carry what the journal counts itself (``watch``):

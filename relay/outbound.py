@@ -213,6 +213,13 @@ class OutboundStream:
             self.journal.mark_rejected(seq, reason)
         self.metrics.rejected.inc(len(seqs))
 
+    def undeliverable(self, seqs: tuple[int, ...], reason: str) -> None:
+        """A reply whose address cannot be routed: keep it as undeliverable, never resend."""
+        for seq in seqs:
+            self.in_flight.pop(seq, None)
+        self.journal.mark_undeliverable(seqs, reason)
+        self.metrics.undeliverable.inc(len(seqs))
+
     def released(self, seqs: tuple[int, ...]) -> None:
         """The broker did not take the message: send the entries again, before anything else."""
         entries = [e for e in (self.journal.get(seq) for seq in sorted(seqs)) if e is not None]

@@ -70,6 +70,11 @@ class RabbitAdmin:
         except (pika.exceptions.AMQPError, OSError) as exc:  # OSError includes TLS failures
             raise BrokerError(f"cannot reach RabbitMQ at {url} over AMQP 0-9-1: {exc!r}") from exc
 
+    @property
+    def is_open(self) -> bool:
+        """Whether the admin connection is still usable."""
+        return self._connection.is_open
+
     def close(self) -> None:
         """Close the admin connection."""
         with contextlib.suppress(pika.exceptions.AMQPError):
@@ -129,7 +134,10 @@ class RabbitAdmin:
         when no queue matches, and otherwise drops it at once unless a consumer is waiting.
         Consumers recognise it by its message id ``virtrelay-probe`` and discard it.
         """
-        exchange, key = parse_address(address)
+        try:
+            exchange, key = parse_address(address)
+        except BrokerError as exc:
+            raise AddressUnroutable(str(exc)) from exc
         try:
             with self._channel() as channel:
                 if not exchange:  # the default exchange routes to the queue of that name
@@ -149,8 +157,8 @@ class RabbitAdmin:
             raise AddressUnroutable(
                 f"address {address} is refused by the broker ({exc.reply_code} {exc.reply_text}); "
                 "run `virt-relay broker setup` to declare the topology") from exc
-        except pika.exceptions.AMQPError as exc:
-            raise BrokerError(f"route check of {address} failed: {exc!r}") from exc
+        except (pika.exceptions.AMQPError, ValueError, TypeError) as exc:  # e.g. a name pika
+            raise BrokerError(f"route check of {address} failed: {exc!r}") from exc  # cannot send
 
 
 def admin_ssl_context(settings: BrokerSettings) -> ssl.SSLContext | None:

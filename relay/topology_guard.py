@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 
 from relay.config import AgentConfig
 from relay.errors import AddressUnroutable, BrokerError
@@ -15,6 +16,9 @@ from relay.rabbitmq_admin import RabbitAdmin
 from relay.topology import Addresses, declare_host, verify_host
 
 log = logging.getLogger(__name__)
+_TRIES = 3  # checks of a reply address that fail before its replies are undeliverable
+_FORGET_REFUSED = 60.0  # seconds before an unroutable reply address is checked again
+_MAX_VERDICTS = 10_000  # remembered addresses; beyond that refused ones are forgotten
 
 
 class TopologyGuard:
@@ -32,6 +36,8 @@ class TopologyGuard:
         self.ssl_context = ssl_context
         self.metrics = metrics
         self._verdicts: dict[str, bool] = {}
+        self._refused_at: dict[str, float] = {}  # unroutable reply address -> when decided
+        self._failures: dict[str, int] = {}  # address -> checks that failed in a row
         self._generation = 0  # bumped when the link lands on a broker: old verdicts are void
         self._wanted: set[str] = set()
         self._wake = threading.Event()
@@ -65,6 +71,9 @@ class TopologyGuard:
         if not self.config.topology.verify:
             return True
         verdict = self._verdicts.get(address)
+        if verdict is False and time.monotonic() - self._refused_at.get(address, 0) > \
+                _FORGET_REFUSED and address != self.addresses.events_for(self.config.host_id):
+            verdict = None  # a console may have declared its queue since: check again
         if verdict is None:
             self._wanted.add(address)
             self._wake.set()
@@ -100,10 +109,21 @@ class TopologyGuard:
             self._check_with(url, events, verdicts)
         finally:
             if generation == self._generation:  # no reconnect meanwhile: still true
-                self._verdicts = {**self._verdicts, **verdicts}
-                for address, routable in verdicts.items():
-                    if routable:
-                        self._wanted.discard(address)
+                self._remember(verdicts, events)
+
+    def _remember(self, verdicts: dict[str, bool], events: str) -> None:
+        """Keep the verdicts (bounded); a reply address is decided, never checked in a loop."""
+        now = time.monotonic()
+        merged = {**self._verdicts, **verdicts}
+        if len(merged) > _MAX_VERDICTS:
+            merged = {a: v for a, v in merged.items() if v or a in verdicts}
+            self._refused_at = {a: t for a, t in self._refused_at.items() if a in merged}
+        self._verdicts = merged
+        for address, routable in verdicts.items():
+            if not routable:
+                self._refused_at[address] = now
+            if routable or address != events:
+                self._wanted.discard(address)
 
     def _check_with(self, url: str, events: str, verdicts: dict[str, bool]) -> None:
         with RabbitAdmin(url, self.ssl_context, self.credentials) as admin:
@@ -116,11 +136,23 @@ class TopologyGuard:
                     else:
                         admin.check_route(address)
                 except AddressUnroutable as exc:
-                    verdicts[address] = False  # checked again next round
+                    verdicts[address] = False  # events: checked again next round
                     if address == events:
                         self.last_problem = str(exc)
                         log.error("not publishing: %s", exc)
+                    else:
+                        log.warning("replies to %s are undeliverable: %s", address, exc)
+                except BrokerError as exc:
+                    if address == events or not admin.is_open:
+                        raise
+                    self._failures[address] = tries = self._failures.get(address, 0) + 1
+                    if tries >= _TRIES:  # one bad address never holds up the others
+                        self._failures.pop(address)
+                        verdicts[address] = False
+                        log.warning("replies to %s are undeliverable after %d failed checks: "
+                                    "%s", address, tries, exc)
                 else:
+                    self._failures.pop(address, None)
                     verdicts[address] = True
                     if address == events:
                         self.last_problem = None

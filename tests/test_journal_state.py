@@ -53,13 +53,13 @@ def test_the_applied_log_is_read_by_key_prefix_and_pruned_to_a_size(tmp_path):
         assert [r.record["seq"] for r in journal.state_log(after_id=8, limit=1)] == [9]
 
 
-def test_a_version_1_journal_is_upgraded_in_place(tmp_path):
+def test_a_version_1_journal_is_upgraded_in_place_through_every_migration(tmp_path):
     path = tmp_path / "old.db"
     with Journal(path, "h1") as journal:
         journal.put_state({("ns", "k"): 1})
         epoch = journal.epoch
     conn = sqlite3.connect(path)
-    conn.executescript("DROP TABLE state; DROP TABLE state_log; "
+    conn.executescript("DROP TABLE state; DROP TABLE state_log; DROP INDEX outbox_undeliverable; "
                        "UPDATE meta SET value = '1' WHERE key = 'schema_version';")
     conn.close()
     with Journal(path, "h1") as journal:
