@@ -18,6 +18,9 @@ from typing import Any
 from relay.errors import ConfigError
 
 ENV_PREFIX = "VIRTRELAY_"
+# VIRTRELAY_* variables of the other commands (docs/configuration.md lists them): the agent
+# leaves them alone; any other unknown VIRTRELAY_* name is a typo and stops it.
+OTHER_COMMANDS_ENV = {"VIRTRELAY_URL": "console commands: broker URL when --url is not given"}
 
 
 @dataclass
@@ -173,7 +176,7 @@ def load(path: str | os.PathLike | None = None, environ: dict[str, str] | None =
             raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     config = _build(AgentConfig, data, "")
     for key, text in (environ if environ is not None else os.environ).items():
-        if key.startswith(ENV_PREFIX):
+        if key.startswith(ENV_PREFIX) and key.upper() not in OTHER_COMMANDS_ENV:
             _set_path(config, key[len(ENV_PREFIX):].lower(), text, from_env=True)
     for dotted, value in (overrides or {}).items():
         if value is not None:

@@ -47,6 +47,7 @@ from relay.fleet import (
     REFUSED,
     STALE,
     STALE_EPOCH,
+    UNKNOWN_KIND,
     Changes,
     Fleet,
     HostSnapshot,
@@ -411,7 +412,12 @@ class Console:
         now = time.time()
         with self._lock:
             for item in items:
-                outcome = self.fleet.apply(item, now)
+                try:
+                    outcome = self.fleet.apply(item, now)
+                except Exception:  # no single message may stop the console
+                    log.exception("refusing message %s that the fleet model could not apply",
+                                  item.message_id)
+                    outcome = REFUSED
                 kind = ("stats" if isinstance(item.body, dict)
                         and item.body.get("origin") == STATS
                         else str(item.properties.get("kind")))
@@ -499,6 +505,8 @@ class Console:
                 self.metrics.duplicates.inc(count)
             elif outcome == REFUSED:
                 self.metrics.refused.inc(count)
+            elif outcome == UNKNOWN_KIND:
+                self.metrics.ignored.labels(outcome).inc(count)
             else:
                 self.metrics.stale.labels(_STALE_REASONS[outcome]).inc(count)
         for _, record in changes.log:

@@ -33,8 +33,11 @@ class ConsoleMetrics:
         self.stale = counter("stale_total", "Messages not applied (reason: object-order = older "
                              "than what the object has, epoch = from a replaced journal, "
                              "unknown-object = statistics of an unknown object).", ("reason",))
-        self.refused = counter("refused_total", "Messages refused: unknown wire version, not an "
-                               "event, or malformed.")
+        self.refused = counter("refused_total", "Messages refused: unknown wire version or "
+                               "malformed.")
+        self.ignored = counter("ignored_total", "Messages ignored under the versioning rules "
+                               "(reason: unknown-kind = a kind this console does not know).",
+                               ("reason",))
         self.gaps = counter("gaps_total", "Events lost on the way: missing stream seqs that no "
                             "gap marker or replaced sample explains.")
         self.gap_markers = counter("gap_markers_total", "Gap markers applied (a host dropped "

@@ -27,7 +27,8 @@ DUPLICATE = "duplicate"
 STALE = "stale"  # older than what was applied to its object (per-object order)
 STALE_EPOCH = "stale-epoch"  # from a journal the host has since replaced
 IGNORED = "ignored"  # statistics of an object the console does not know (yet)
-REFUSED = "refused"  # unknown wire version, not an event, or malformed
+REFUSED = "refused"  # unknown wire version, or malformed
+UNKNOWN_KIND = "unknown-kind"  # a kind this version does not know: ignored (docs/wire.md)
 CONSUMED = (APPLIED, STALE, IGNORED)  # new messages: logged, marked seen
 
 # Why a resync was asked for.
@@ -321,8 +322,10 @@ class Fleet:
     def apply(self, message: Incoming, now: float) -> str:
         """Apply one event or gap marker; return what was done (``APPLIED``, ``DUPLICATE``...)."""
         props = message.properties
-        if props.get("schema") != WIRE_VERSION or props.get("kind") not in (EVENT, GAP):
+        if props.get("schema") != WIRE_VERSION:
             return REFUSED
+        if props.get("kind") not in (EVENT, GAP):
+            return UNKNOWN_KIND
         try:
             host, epoch = str(props["host"]), str(props["epoch"])
             seq = int(props["seq"])

@@ -73,3 +73,10 @@ def test_check_config_prints_the_effective_configuration_without_secrets(sample,
     printed = json.loads(result.stdout)
     assert printed["broker"]["urls"] == ["amqp://flag:5672"]
     assert "hunter2" not in result.stdout + result.stderr
+
+
+def test_variables_of_other_commands_are_left_alone_and_typos_still_stop_the_agent():
+    environ = {"VIRTRELAY_URL": "amqp://elsewhere:5672", "VIRTRELAY_HOST_ID": "h7"}
+    assert config_module.load(None, environ=environ).host_id == "h7"
+    with pytest.raises(ConfigError, match="brokr_urls"):
+        config_module.load(None, environ={"VIRTRELAY_BROKR_URLS": "amqp://x"})

@@ -18,6 +18,7 @@ from relay.fleet import (
     RESYNC_GAP_MARKER,
     STALE,
     STALE_EPOCH,
+    UNKNOWN_KIND,
     Fleet,
     Stream,
 )
@@ -270,6 +271,17 @@ def test_unknown_wire_versions_and_malformed_messages_are_refused():
     del broken.properties["stream_seq"]
     assert fleet.apply(broken, T0) == REFUSED
     assert fleet.hosts == {}
+
+
+def test_within_schema_1_unknown_kinds_and_fields_are_ignored_not_refused():
+    fleet = Fleet("c1")
+    novel = message(1, state=running())
+    novel.properties["kind"] = "hologram"
+    assert fleet.apply(novel, T0) == UNKNOWN_KIND and fleet.hosts == {}
+    extended = message(1, state=running())
+    extended.properties["brand_new_property"] = [1, 2]
+    extended.body["brand_new_field"] = {"x": 1}
+    assert fleet.apply(extended, T0) == APPLIED
 
 
 def test_stream_marks_merge_ranges_and_find_holes():
