@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -128,6 +129,9 @@ def _add_broker_commands(commands) -> None:
     setup.add_argument("--host", action="append", default=[], help="a host id (repeatable)")
     setup.add_argument("--console", action="append", default=[],
                        help="a console id (repeatable)")
+    setup.add_argument("--dead-letters", action="store_true",
+                       help="also declare the dead-letter exchange and queue for the commands "
+                            "agents reject, and print the rabbitmqctl policy that uses them")
     setup.set_defaults(handler=_broker_setup)
     for name, help_text in (("start", "start the node and print its AMQP URL"),
                             ("stop", "stop the node"),
@@ -227,10 +231,22 @@ def _tail(journal, count: int, follow: bool) -> None:
 
 def _broker_setup(args) -> int:
     from relay.rabbitmq_admin import RabbitAdmin
-    from relay.topology import Addresses, declare_console, declare_host, verify_host
+    from relay.topology import (
+        Addresses,
+        dead_letter_policy,
+        declare_console,
+        declare_dead_letters,
+        declare_host,
+        verify_host,
+    )
 
     addresses = Addresses()
     with RabbitAdmin(args.url) as admin:
+        if args.dead_letters:
+            declare_dead_letters(admin, addresses)
+            print(f"dead letters: exchange {addresses.dead_letter_exchange}, queue "
+                  f"{addresses.dead_letters}; to route rejected commands there, run:\n  "
+                  f"rabbitmqctl {shlex.join(dead_letter_policy(addresses))}")
         for console in args.console:
             declare_console(admin, addresses, console)
             print(f"console {console}: events {addresses.console_events_for(console)}, "

@@ -271,7 +271,7 @@ def _best_effort_envelope(delivery: CommandDelivery, replies: list[str]) -> dict
     """What can be read of a refused command, each field checked: enough to address the
     error reply (no reply when it names no usable address)."""
     try:
-        command = limits.json_object(limits.body_bytes(delivery.body))
+        command = limits.json_object(limits.body_bytes(delivery.body), checked=False)
     except wire.InvalidCommand:
         command = {}
     text = {name: limits.text_or_none(command.get(name), size)

@@ -37,7 +37,7 @@ def body_bytes(body: Any) -> bytes:
 
     The size is checked before anything is copied; any other section type is refused.
     """
-    if body is None:
+    if body is None or (isinstance(body, (bytes, bytearray, memoryview, str)) and not body):
         raise InvalidCommand("empty message body: send the command as a JSON object", "bad-body")
     if isinstance(body, (bytes, bytearray, memoryview)):
         size = body.nbytes if isinstance(body, memoryview) else len(body)
@@ -62,8 +62,9 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def json_object(raw: bytes) -> dict[str, Any]:
-    """Decode ``raw`` as a JSON object of bounded depth whose every string is storable text."""
+def json_object(raw: bytes, checked: bool = True) -> dict[str, Any]:
+    """Decode ``raw`` as a JSON object of bounded depth whose every string is storable text
+    (``checked`` False: only that it decodes; the caller checks each value it reads)."""
     try:
         value = json.loads(raw, parse_constant=_no_constant)
     except RecursionError:
@@ -73,7 +74,8 @@ def json_object(raw: bytes) -> dict[str, Any]:
         raise InvalidCommand(f"body is not JSON: {exc}") from None
     if not isinstance(value, dict):
         raise InvalidCommand("body must be a JSON object")
-    check_tree(value)
+    if checked:
+        check_tree(value)
     return value
 
 

@@ -10,6 +10,7 @@ accepts and silently drops messages sent to an address that routes nowhere.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from relay.errors import AddressUnroutable
@@ -25,6 +26,8 @@ class Addresses:
     commands: str = "/amq/queue/virtrelay.commands.{host}"
     console_events: str = "/amq/queue/virtrelay.console.{console}"
     replies: str = "/amq/queue/virtrelay.replies.{console}"
+    dead_letter_exchange: str = "virtrelay.dead-letter"
+    dead_letters: str = "virtrelay.dead-letters"
 
     def events_for(self, host: str) -> str:
         """Where ``host`` publishes events and gap markers."""
@@ -67,6 +70,22 @@ def declare_console(admin: RabbitAdmin, addresses: Addresses, console: str) -> N
 def declare_replies(admin: RabbitAdmin, addresses: Addresses, console: str) -> None:
     """Only ``console``'s reply queue (a console that sends commands but watches nothing)."""
     admin.declare([], [_queue_name(addresses.replies_for(console))], [])
+
+
+def declare_dead_letters(admin: RabbitAdmin, addresses: Addresses) -> None:
+    """Where RabbitMQ puts the commands agents rejected, once ``dead_letter_policy`` is set: a
+    topic exchange (routing key = the command queue's name) and a queue bound with ``#``."""
+    admin.declare([(addresses.dead_letter_exchange, "topic")], [addresses.dead_letters],
+                  [(addresses.dead_letters, addresses.dead_letter_exchange, "#")])
+
+
+def dead_letter_policy(addresses: Addresses, pattern: str = r"^virtrelay\.commands\."
+                       ) -> list[str]:
+    """``rabbitmqctl set_policy`` arguments that dead-letter what agents reject from their
+    command queues (a policy: it applies to existing queues, no redeclaration)."""
+    return ["set_policy", "virtrelay-commands", pattern,
+            json.dumps({"dead-letter-exchange": addresses.dead_letter_exchange}),
+            "--apply-to", "queues"]
 
 
 def verify_host(admin: RabbitAdmin, addresses: Addresses, host: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -124,6 +125,22 @@ def decode(message: Message) -> list[wire.Incoming]:
         body = bytes(body)
     return wire.unpack(dict(message.properties or {}), body, message.content_encoding,
                        str(message.id), message.subject or "")
+
+
+def send_messages(url: str, address: str, messages: list[Message]) -> None:
+    """Send prepared proton messages (any body section, any properties) to ``address``."""
+    connection = BlockingConnection(url, timeout=10)
+    try:
+        sender = connection.create_sender(address)
+        for message in messages:
+            sender.send(message)
+    finally:
+        connection.close()
+
+
+def signed(command: dict[str, Any], secret: str) -> bytes:
+    """``command`` with its HMAC signature, as JSON bytes (fields exactly as given)."""
+    return json.dumps({**command, "signature": wire.sign(command, secret.encode())}).encode()
 
 
 def send_command(url: str, host: str, operation: str, target: str | None,
