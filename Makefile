@@ -5,7 +5,7 @@ RUN_DIR := .run
 ONLY ?=
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap run stop test lint bench chaos clean
+.PHONY: bootstrap run stop test lint bench chaos fuzz clean
 
 bootstrap:
 	@./scripts/bootstrap.sh
@@ -32,4 +32,8 @@ chaos: bootstrap
 	@$(PY) -m chaos.run --seconds 15 --json chaos-report.json
 
 clean:
-	rm -rf $(RUN_DIR) bench-results.json chaos-report.json .pytest_cache
+	rm -rf $(RUN_DIR) bench-results.json chaos-report.json fuzz-report.json .pytest_cache
+
+# A long hostile burst (10,000 messages, twice) against an agent process: refusals/s, peak RSS.
+fuzz: bootstrap
+	@$(PY) -m tests.support.fuzz_run --messages 10000 --json fuzz-report.json
