@@ -55,3 +55,13 @@ def test_samples_carry_no_stream_seq_and_schema_is_an_int():
     properties = wire.outgoing(sample, "h", "e", settled_below=3).properties
     assert "stream_seq" not in properties
     assert type(properties["schema"]) is int32 and properties["schema"] == 1
+
+
+def test_the_canonical_form_is_the_one_docs_wire_md_defines():
+    envelope = {"operation": "node.refresh", "key": "c1-1",
+                "reply_to": "/amq/queue/virtrelay.replies.c1", "signature": "ignored"}
+    assert wire.canonical(envelope) == (
+        b'{"key":"c1-1","operation":"node.refresh","reply_to":"/amq/queue/virtrelay.replies.c1"}')
+    odd = {"z": [1, 1.0, 1e16, 1.5e-05, True, None], "a": '"\\/\n\x01\x7fé\U0001f4a5'}
+    assert wire.canonical(odd) == (b'{"a":"\\"\\\\/\\n\\u0001\\u007f\\u00e9\\ud83d\\udca5",'
+                                   b'"z":[1,1.0,1e+16,1.5e-05,true,null]}')
