@@ -5,7 +5,8 @@ carries. A stream is read as: an 8-byte protocol header (``AMQP`` + protocol id 
 AMQP), then frames (4-byte size, doff, type, channel; then the body from ``doff * 4``). A new
 header may follow the SASL outcome; at a frame boundary ``AMQP`` always means a header (a frame
 that large, 1 GiB, is not a frame). A frame with an empty body is a heartbeat. A stream that does
-not start with a header, or switches to TLS (protocol id 2), is passed on as opaque bytes.
+not start with an AMQP 1.0 header (AMQP 0-9-1 does not), or switches to TLS (protocol id 2), is
+passed on as opaque bytes.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class FrameScanner:
         buffer = self._buffer
         if buffer[:4] == b"AMQP":
             self._started = True
-            self._opaque = buffer[4] not in _PLAIN_PROTOCOLS
+            # AMQP 1.0 is version 1.0.0; AMQP 0-9-1 (``AMQP\x00\x00\x09\x01``) is opaque.
+            self._opaque = buffer[4] not in _PLAIN_PROTOCOLS or buffer[5:8] != b"\x01\x00\x00"
             return self._take(8, HEADER)
         size, doff, _, channel = _FRAME_HEADER.unpack_from(buffer)
         if not self._started or doff < 2 or doff * 4 > size:

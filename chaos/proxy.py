@@ -127,6 +127,10 @@ class FaultProxy:
         self.mode = RESET
         self._abort_all()
 
+    def drop(self) -> None:
+        """RST every current connection once; new ones pass (an armed ``reset_after`` stays)."""
+        self._abort_all()
+
     def heal(self) -> None:
         """Forward again, disarm ``reset_after``; blackholed connections resume where they were."""
         self.mode = PASS

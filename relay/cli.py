@@ -19,6 +19,9 @@ from pathlib import Path
 
 from relay import __version__
 from relay.errors import RelayError
+from relay.supervision import EXIT_CODE
+
+_FATAL_STOP_TIMEOUT = 15.0  # seconds a failing agent may take to stop before it exits anyway
 
 EXIT_ERROR = 1
 EXIT_NOT_RUNNING = 3
@@ -101,7 +104,7 @@ def _agent(args) -> int:
         print(json.dumps(config.redacted(), indent=2))
         return 0
     agent = Agent(config)
-    stop = threading.Event()
+    stop = agent.supervisor.fatal_event  # a signal, or a vital thread that failed for good
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     agent.start()
@@ -110,8 +113,15 @@ def _agent(args) -> int:
               f"http://{config.metrics.listen.rpartition(':')[0] or '127.0.0.1'}:"
               f"{agent.status.port}/metrics", flush=True)
     stop.wait()
-    agent.stop()
-    return 0
+    if agent.supervisor.fatal is None:
+        agent.stop()
+        return 0
+    stopper = threading.Thread(target=agent.stop, daemon=True)  # a stuck part must not hold
+    stopper.start()                                            # the exit up
+    stopper.join(_FATAL_STOP_TIMEOUT)
+    print(f"virt-relay agent: {agent.supervisor.fatal}; exiting with status {EXIT_CODE} "
+          "for the service manager to restart the agent", file=sys.stderr, flush=True)
+    return EXIT_CODE
 
 
 def _add_broker_commands(commands) -> None:

@@ -28,6 +28,7 @@ from relay.lanes import Lanes
 from relay.libvirt_errors import libvirt_calls
 from relay.metrics import AgentMetrics
 from relay.operations import OPERATIONS, Operation, lookup, resolve
+from relay.supervision import Supervisor
 
 log = logging.getLogger(__name__)
 _RECORD_RETRY = 5.0  # seconds between attempts to record a result on a full disk
@@ -42,7 +43,7 @@ class CommandProcessor:
                  settle: Settle, wake: Callable[[], None], metrics: AgentMetrics,
                  on_refresh: Callable[[bool], Any], workers: int = 4,
                  allow: list[str] | None = None, secret: bytes | None = None,
-                 require_signature: bool = False):
+                 require_signature: bool = False, supervisor: Supervisor | None = None):
         self.journal = journal
         self.connection = connection
         self.settle = settle
@@ -52,7 +53,7 @@ class CommandProcessor:
         self.allow = allow or ["*"]
         self.secret = secret
         self.require_signature = require_signature
-        self.lanes = Lanes(workers, name="command")
+        self.lanes = Lanes(workers, name="command", supervisor=supervisor)
 
     def start(self) -> None:
         """Start the workers."""

@@ -476,5 +476,5 @@ def test_every_exported_metric_is_documented(run: Run):
         for sample in family.samples:
             assert set(sample.labels) <= {"origin", "reason", "operation", "result", "event",
                                           "le", "host_id", "epoch", "version", "kind",
-                                          "host"}, sample
+                                          "host", "thread"}, sample
             assert "host" not in sample.labels or sample.name.startswith("virtrelay_console_")
