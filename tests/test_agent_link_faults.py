@@ -77,6 +77,12 @@ def opens_reaching_the_agent(proxy, performative: str, direction: str) -> int:
     return proxy.frames[(TO_CLIENT, "open")] - dropped
 
 
+def serving(agent) -> bool:
+    """Connected, nothing undelivered, consuming its command queue."""
+    return (agent.link.connected and agent.journal.backlog[0] == 0
+            and agent.link.consuming_commands)
+
+
 def run_fault(broker, proxy, tmp_path, libvirt_conn, arm, trigger, performative, direction):
     console = unique("c")
     declare_consoles(broker.url, console)
@@ -89,14 +95,13 @@ def run_fault(broker, proxy, tmp_path, libvirt_conn, arm, trigger, performative,
     replies = None
     try:
         with running_agent(config) as agent:
-            ready = (lambda: agent.link.connected and agent.journal.backlog[0] == 0
-                     and agent.link.consuming_commands)
-            wait_until(ready, timeout=60, what="a connected, idle agent consuming its commands")
+            wait_until(lambda: serving(agent), timeout=60,
+                       what="a connected, idle agent consuming its commands")
             arm()
             trigger(ctx)
             wait_until(lambda: proxy.faults_fired == 1, timeout=60, what="the fault to fire")
-            wait_until(ready, timeout=60, what="the agent to reconnect, drain its backlog and "
-                       "consume its commands again")
+            wait_until(lambda: serving(agent), timeout=60,
+                       what="the agent to reconnect, drain its backlog and consume its commands")
             send_a_command(ctx)
             replies = QueueReader(broker.url, replies_to)  # after the fault: it may close all
             for key in ctx.keys:
