@@ -149,13 +149,26 @@ def _add_broker_commands(commands) -> None:
         action.add_argument("--json", action="store_true", help="print machine-readable JSON")
         if name == "start":
             action.add_argument("--port", type=int, help="AMQP port (default 5682)")
+            for port, default in (("dist", 25682), ("epmd", 4379), ("prometheus", 15682)):
+                action.add_argument(f"--{port}-port", type=int,
+                                    help=f"{_PORT_NAMES[port]} port (default {default})")
         action.set_defaults(handler=_broker)
 
 
+_PORT_NAMES = {"dist": "Erlang distribution", "epmd": "epmd (Erlang port mapper)",
+               "prometheus": "Prometheus plugin"}
+
+
 def _broker(args) -> int:
+    import dataclasses
+
     from relay.rabbitmq_node import NodePorts, RabbitNode
 
-    ports = NodePorts(amqp=args.port) if getattr(args, "port", None) else None
+    given = {name: getattr(args, option, None) for name, option in (
+        ("amqp", "port"), ("dist", "dist_port"), ("epmd", "epmd_port"),
+        ("prometheus", "prometheus_port"))}
+    given = {name: port for name, port in given.items() if port}
+    ports = dataclasses.replace(NodePorts(), **given) if given else None
     node = RabbitNode(args.state_dir, ports)
     if args.action == "start":
         url = node.start()

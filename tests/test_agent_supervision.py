@@ -121,7 +121,8 @@ def test_a_dead_journal_flusher_fails_health_and_says_why(broker, tmp_path, libv
         finally:
             scratch.cleanup()
         assert any("journal-flusher" in p for p in body["problems"]), body
-        assert agent.supervisor.fatal_event.is_set()
+        wait_until(agent.supervisor.fatal_event.is_set, timeout=30,
+                   what="the failure to be declared fatal")
         assert sample(scrape(agent.status.port), "virtrelay_thread_failures_total",
                       thread="journal-flusher") == 1
 

@@ -55,9 +55,10 @@ class Caller:
 
 def test_broker_restarts_with_events_and_commands_flowing(broker, tmp_path):
     host = AgentHost(tmp_path, broker.url)
-    host.start()
     try:
+        # The console first: a quiet host's first events go to the queues that exist then.
         with running_console(tmp_path, broker.url) as console:
+            host.start()
             wait_until(lambda: console.host(host.id) is not None, timeout=30,
                        what="the host to appear at the console")
             with Caller(console, host.id) as caller:
