@@ -21,7 +21,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 NOBODY = 65534
@@ -45,9 +45,11 @@ class Daemon:
     spawned) rather than the daemon alone."""
 
     def __init__(self, name: str, argv: list[str], socket_path: Path, log: Path, *,
-                 env: dict[str, str] | None = None, group_kill: bool = True):
+                 env: dict[str, str] | None = None, group_kill: bool = True,
+                 ready: Callable[[], bool] = lambda: True):
         self.name, self.argv, self.socket, self.log = name, argv, socket_path, log
         self.env = env
+        self.ready = ready  # checked once the socket accepts
         self.group_kill = group_kill
         self.process: subprocess.Popen | None = None
 
@@ -58,7 +60,7 @@ class Daemon:
             self.process = subprocess.Popen(self.argv, env=self.env, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)
         deadline = started + timeout
-        while not self._accepts():
+        while not (self._accepts() and self.ready()):
             if time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(f"{self.name} does not listen on {self.socket} after "
@@ -154,7 +156,8 @@ class SystemLibvirtd:
         config.write_text('listen_tcp = 0\nlisten_tls = 0\nhost_uuid_source = "machine-id"\n')
         self.libvirtd = Daemon("libvirtd", ["taskset", "-c", "0", "libvirtd", "-f", str(config),
                                             "-p", str(base / "libvirtd.pid")],
-                               SYSTEM_SOCKET, base / "libvirtd.log", group_kill=False)
+                               SYSTEM_SOCKET, base / "libvirtd.log", group_kill=False,
+                               ready=self._serves)
         self.virtlogd = Daemon("virtlogd", ["virtlogd", "-p", str(base / "virtlogd.pid")],
                                VIRTLOGD_SOCKET, base / "virtlogd.log", group_kill=False)
 
@@ -168,6 +171,11 @@ class SystemLibvirtd:
         if accepts(SYSTEM_SOCKET):
             return f"a libvirtd this test did not start serves qemu:///system ({SYSTEM_SOCKET})"
         return None
+
+    def _serves(self) -> bool:
+        """Whether a client can open qemu:///system and read the hypervisor's version."""
+        return subprocess.run(["virsh", "-c", self.uri, "version"], capture_output=True,
+                              timeout=60).returncode == 0
 
     def start(self) -> float:
         """Start virtlogd (unless one runs) and libvirtd; return libvirtd's start time."""

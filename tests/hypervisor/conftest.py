@@ -21,12 +21,14 @@ _OUTCOME: list[str] = []  # what the session's hypervisor ran on, for the termin
 def hypervisor(tmp_path_factory, request):
     """virtlogd + libvirtd serving qemu:///system, children of this test session; KVM guests
     when /dev/kvm is usable, else TCG; the choice is printed."""
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
     try:
         with system_hypervisor(tmp_path_factory.mktemp("hypervisor")) as hypervisor:
             _OUTCOME.append(f"ran on {hypervisor.describe()}")
-            if reporter is not None:
-                reporter.write_line(f"\nhypervisor tier: {hypervisor.describe()}")
+            if reporter is not None and capture is not None:
+                with capture.global_and_fixture_disabled():
+                    reporter.write_line(f"\nhypervisor tier: {hypervisor.describe()}")
             yield hypervisor
     except Unavailable as unavailable:
         _OUTCOME.append(f"skipped: {unavailable}")

@@ -17,7 +17,6 @@ import re
 import stat
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -135,8 +134,9 @@ class Hypervisor:
         return self.virsh("domuuid", name).strip()
 
     def quit(self, name: str) -> None:
-        """A shutdown libvirt sees (a diskless guest has no OS to obey ``virsh shutdown``)."""
-        self.virsh("qemu-monitor-command", name, "--hmp", "quit")
+        """A shutdown libvirt sees (a diskless guest has no OS to obey ``virsh shutdown``).
+        qemu may quit before it answers: virsh then reports the monitor's end as an error."""
+        self.virsh("qemu-monitor-command", name, "--hmp", "quit", check=False)
 
     def kill_qemu(self, name: str) -> None:
         """SIGKILL the guest's qemu process: libvirt sees it as crashed."""
@@ -206,7 +206,7 @@ class Hypervisor:
             else:
                 error = self._probe("kvm")
                 if error is None:
-                    self.note = device
+                    self.note = f"{device}; {self.note}"
                     return
                 failures.append(f"a KVM guest does not start: {error}")
         error = self._probe("qemu")
@@ -214,7 +214,7 @@ class Hypervisor:
             raise Unavailable(f"no guest starts on {self.uri}: {'; '.join(failures)}; "
                               f"TCG: {error}")
         self.virt_type = "qemu"
-        self.note = "; ".join(failures)
+        self.note = "; ".join([*failures, self.note])
 
     def _probe(self, virt_type: str) -> str | None:
         """Start and destroy a transient guest of ``virt_type``; the error, or None."""
@@ -374,5 +374,3 @@ def _kib(text: str) -> int:
     return int(number)
 
 
-def elapsed(since: float) -> float:
-    return time.monotonic() - since
