@@ -51,14 +51,17 @@ DOMAIN_XML = """<domain type='{virt_type}'>
   <devices><emulator>{qemu}</emulator></devices>
 </domain>
 """
-# A bridge-mode network naming a bridge that does not exist starts and stops without touching
-# the host's interfaces.
+# Networks that start and stop without touching the host's interfaces: bridge mode naming a
+# bridge that does not exist (a restarted libvirtd marks it inactive: its bridge is missing),
+# and macvtap bridge mode on a device that does not exist (nothing is made before a guest
+# uses it; it stays active across libvirtd restarts).
 NETWORK_XML = """<network>
   <name>{name}</name>
-  <forward mode='bridge'/>
-  <bridge name='{bridge}'/>
+  {forward}
 </network>
 """
+BRIDGE = "<forward mode='bridge'/><bridge name='{device}'/>"
+MACVTAP = "<forward mode='bridge'><interface dev='{device}'/></forward>"
 
 
 class Unavailable(Exception):
@@ -122,12 +125,13 @@ class Hypervisor:
         self.virsh("create", self._xml_file(name, self.domain_xml(name)))
         return self.uuid(name)
 
-    def define_network(self, label: str) -> str:
-        """Define a bridge-mode network on a bridge that does not exist; return its UUID."""
+    def define_network(self, label: str, forward: str = BRIDGE) -> str:
+        """Define a network (``BRIDGE`` or ``MACVTAP``) on a device that does not exist;
+        return its UUID."""
         name = self.name(label)
-        bridge = f"vrt{uuid.uuid4().hex[:8]}"
+        forward = forward.format(device=f"vrt{uuid.uuid4().hex[:8]}")
         self.virsh("net-define", self._xml_file(name, NETWORK_XML.format(name=name,
-                                                                         bridge=bridge)))
+                                                                         forward=forward)))
         return self.virsh("net-uuid", name).strip()
 
     def uuid(self, name: str) -> str:
