@@ -57,12 +57,12 @@ def fleet(hypervisor, broker_node, tmp_path_factory):
     console that has seen the host's first resync."""
     tmp = tmp_path_factory.mktemp("fleet")
     host = hypervisor_agent(tmp, broker_node.url)
-    host.start()
-    try:
-        with running_console(tmp, broker_node.url) as console:
+    with running_console(tmp, broker_node.url) as console:  # before the host's first events
+        host.start()
+        try:
             fleet = Fleet(hypervisor, host, console)
             fleet.converged("the first resync")
             yield fleet
             fleet.recorder.close()
-    finally:
-        host.stop()
+        finally:
+            host.stop()

@@ -18,9 +18,9 @@ def test_autostart_has_no_event_and_arrives_within_the_reconcile_interval(
     hv = hypervisor
     host = hypervisor_agent(tmp_path, broker_node.url, reconcile_interval=INTERVAL)
     uuid = hv.define("auto")
-    host.start()
-    try:
-        with running_console(tmp_path, broker_node.url) as console:
+    with running_console(tmp_path, broker_node.url) as console:  # before the host's events
+        host.start()
+        try:
             recorder = Recorder(console, host.id)
             assert_view_equals_virsh(console, host, hv, "the first resync")
             for args, autostart in ((("autostart",), True), (("autostart", "--disable"), False)):
@@ -36,6 +36,6 @@ def test_autostart_has_no_event_and_arrives_within_the_reconcile_interval(
                 assert took < INTERVAL + SLACK, f"virsh {args} took {took:.1f} s to arrive"
                 assert_view_equals_virsh(console, host, hv, f"virsh {' '.join(args)}")
             recorder.close()
-    finally:
-        host.stop()
-        hv.virsh("undefine", hv.name("auto"))
+        finally:
+            host.stop()
+            hv.virsh("undefine", hv.name("auto"))
