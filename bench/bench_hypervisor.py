@@ -39,6 +39,7 @@ from tests.support.hypervisor import (
 
 CHANGES = 120  # virsh changes per latency figure (>= 100)
 IDLE_SECONDS = 30.0
+PAUSED, RESUMED = "lifecycle.suspended.paused", "lifecycle.resumed.unpaused"
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -81,27 +82,32 @@ def _setting() -> Iterator[tuple[Hypervisor, AgentHost, object]]:
 
 def _latencies(hv: Hypervisor, console, host: AgentHost, virt_type: str, label: str
                ) -> tuple[list[float], list[float]]:
-    """(console, plain libvirt client) seconds per virsh change of one guest."""
+    """(console, plain libvirt client) seconds per virsh change of one guest. Each change is
+    matched with its own event: the right kind, applied after the virsh call began."""
     hv.virt_type = virt_type
     uuid = hv.define(label)
     name = hv.name(label)
     hv.virsh("start", name)
     _wait_running(console, host, uuid)
-    at_console: queue.SimpleQueue[float] = queue.SimpleQueue()
-    at_client: queue.SimpleQueue[float] = queue.SimpleQueue()
-    subscription = console.subscribe(lambda n: at_console.put(time.monotonic()),
-                                     host=host.id, object_id=uuid, kinds=("event",))
+    at_console: queue.SimpleQueue[tuple[str, float, float]] = queue.SimpleQueue()
+    at_client: queue.SimpleQueue[tuple[str, float, float]] = queue.SimpleQueue()
+    subscription = console.subscribe(
+        lambda n: at_console.put((n.event, n.applied_at, time.monotonic())),
+        host=host.id, object_id=uuid, kinds=("event",))
     conn = libvirt.open(hv.uri)
+    kinds = {libvirt.VIR_DOMAIN_EVENT_SUSPENDED: PAUSED, libvirt.VIR_DOMAIN_EVENT_RESUMED: RESUMED}
     callback = conn.domainEventRegisterAny(
         conn.lookupByUUIDString(uuid), libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-        lambda *args: at_client.put(time.monotonic()), None)
+        lambda _c, _d, event, _detail, _o: at_client.put(
+            (kinds.get(event, str(event)), time.time(), time.monotonic())), None)
     try:
         console_times, client_times = [], []
         for i in range(CHANGES):
-            began = time.monotonic()
-            hv.virsh("suspend" if i % 2 == 0 else "resume", name)
-            client_times.append(at_client.get(timeout=60) - began)
-            console_times.append(at_console.get(timeout=60) - began)
+            command, event = ("suspend", PAUSED) if i % 2 == 0 else ("resume", RESUMED)
+            began_wall, began = time.time(), time.monotonic()
+            hv.virsh(command, name)
+            client_times.append(_arrival(at_client, event, began_wall) - began)
+            console_times.append(_arrival(at_console, event, began_wall) - began)
         return console_times, client_times
     finally:
         conn.domainEventDeregisterAny(callback)
@@ -109,6 +115,14 @@ def _latencies(hv: Hypervisor, console, host: AgentHost, virt_type: str, label: 
         subscription.close()
         hv.virsh("destroy", name, check=False)
         hv.virsh("undefine", name)
+
+
+def _arrival(arrivals: queue.SimpleQueue, event: str, since: float) -> float:
+    """When ``event`` arrived, skipping older events and other kinds."""
+    while True:
+        name, at, arrived = arrivals.get(timeout=60)
+        if name == event and at >= since:
+            return arrived
 
 
 def _wait_running(console, host: AgentHost, uuid: str) -> None:
