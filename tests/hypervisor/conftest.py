@@ -54,11 +54,12 @@ class Fleet:
 @pytest.fixture(scope="package")
 def fleet(hypervisor, broker_node, tmp_path_factory):
     """An agent process watching qemu:///system (events only: no periodic reconcile) and a
-    console that has seen the host's first resync."""
+    console that has seen the host's first resync; a domain that is not the tests' stays
+    defined beside theirs, so every comparison with virsh includes it."""
     tmp = tmp_path_factory.mktemp("fleet")
     host = hypervisor_agent(tmp, broker_node.url)
-    with running_console(tmp, broker_node.url) as console:  # before the host's first events
-        host.start()
+    with hypervisor.foreign_domain(), running_console(tmp, broker_node.url) as console:
+        host.start()  # after the console: its queue gets the host's first events
         try:
             fleet = Fleet(hypervisor, host, console)
             fleet.converged("the first resync")

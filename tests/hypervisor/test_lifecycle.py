@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from chaos.libvirtd import SystemLibvirtd
+from tests.support.hypervisor import LEFTOVER
+
 DEFINED, UNDEFINED = "lifecycle.defined.added", "lifecycle.undefined.removed"
 STARTED, DESTROYED = "lifecycle.started.booted", "lifecycle.stopped.destroyed"
 
@@ -66,3 +69,15 @@ def test_virsh_drives_three_guests_and_a_network_and_the_console_follows(fleet):
                             ("net-undefine", net)),
           (a, DESTROYED), (a, UNDEFINED), (c, UNDEFINED), ("net", "lifecycle.undefined"))
     assert not [n for n in recorder.since() if n.kind == "gap"]
+
+
+def test_the_tier_leaves_other_domains_alone_and_refuses_a_libvirtd_it_did_not_start(
+        hypervisor):
+    hv = hypervisor
+    ours = hv.define("mine")
+    with hv.foreign_domain() as foreign:
+        hv.remove(LEFTOVER)  # what a later run does with what a crashed run left
+        listed = hv.virsh("list", "--all", "--uuid").split()
+        assert foreign in listed and ours not in listed
+    # a second run finds this run's libvirtd serving qemu:///system, and skips
+    assert "did not start" in SystemLibvirtd.foreign()

@@ -69,7 +69,7 @@ class Unavailable(Exception):
 
 
 class VirshError(AssertionError):
-    pass
+    """A virsh command failed (its stderr is the message)."""
 
 
 class Hypervisor:
@@ -197,22 +197,29 @@ class Hypervisor:
     def remove_own(self) -> None:
         self.remove(re.compile(re.escape(self.prefix)))
 
-    def choose_acceleration(self) -> None:
+    @contextlib.contextmanager
+    def foreign_domain(self) -> Iterator[str]:
+        """A defined domain that is not the tests' (no run prefix), as another user's guest
+        would be; undefined on exit. Yields its UUID."""
+        name = f"vrforeign-{uuid.uuid4().hex[:6]}"
+        self.virsh("define", self._xml_file(name, self.domain_xml(name)))
+        try:
+            yield self.uuid(name)
+        finally:
+            self.virsh("undefine", name, check=False)
+
+    def choose_acceleration(self, device: str) -> None:
         """KVM if a guest starts with it, else TCG; ``Unavailable`` if neither works.
-        ``VIRT_RELAY_ACCEL=tcg`` forces TCG (to measure it)."""
+        ``device`` is what ``kvm_device_for_guests`` found ("no ..." rules KVM out)."""
         failures = []
-        if os.environ.get("VIRT_RELAY_ACCEL", "").lower() == "tcg":
-            failures.append("KVM not tried: VIRT_RELAY_ACCEL=tcg")
+        if device.startswith("no "):
+            failures.append(device)
         else:
-            device = kvm_device_for_guests()
-            if device.startswith("no "):
-                failures.append(device)
-            else:
-                error = self._probe("kvm")
-                if error is None:
-                    self.note = f"{device}; {self.note}"
-                    return
-                failures.append(f"a KVM guest does not start: {error}")
+            error = self._probe("kvm")
+            if error is None:
+                self.note = f"{device}; {self.note}"
+                return
+            failures.append(f"a KVM guest does not start: {error}")
         error = self._probe("qemu")
         if error is not None:
             raise Unavailable(f"no guest starts on {self.uri}: {'; '.join(failures)}; "
@@ -233,7 +240,10 @@ class Hypervisor:
 
 def kvm_device_for_guests() -> str:
     """Make /dev/kvm usable by the guests' group ``kvm`` (as udev does on a full install);
-    say what was found or done, starting with "no " when KVM cannot be used."""
+    say what was found or done, starting with "no " when KVM cannot be used.
+    ``VIRT_RELAY_ACCEL=tcg`` rules KVM out (to measure TCG)."""
+    if os.environ.get("VIRT_RELAY_ACCEL", "").lower() == "tcg":
+        return "no KVM: VIRT_RELAY_ACCEL=tcg"
     if not KVM_DEVICE.exists():
         return "no /dev/kvm on this machine"
     try:
@@ -259,6 +269,7 @@ def system_hypervisor(workdir: Path) -> Iterator[Hypervisor]:
     reason = SystemLibvirtd.foreign()
     if reason:
         raise Unavailable(reason)
+    device = kvm_device_for_guests()  # before libvirtd starts: it probes qemu with KVM or not
     daemons = SystemLibvirtd(workdir)
     try:
         started = daemons.start()
@@ -269,7 +280,7 @@ def system_hypervisor(workdir: Path) -> Iterator[Hypervisor]:
     hypervisor.note = f"libvirtd ready in {started:.1f} s"
     try:
         hypervisor.remove(LEFTOVER)
-        hypervisor.choose_acceleration()
+        hypervisor.choose_acceleration(device)
         yield hypervisor
     finally:
         try:
