@@ -5,7 +5,7 @@ RUN_DIR := .run
 ONLY ?=
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap run stop test lint bench chaos fuzz clean
+.PHONY: bootstrap run stop test lint bench chaos soak fuzz clean
 
 bootstrap:
 	@./scripts/bootstrap.sh
@@ -31,8 +31,13 @@ bench: bootstrap
 chaos: bootstrap
 	@$(PY) -m chaos.run --seconds 15 --json chaos-report.json
 
+# 50 broker restarts (graceful and SIGKILL) under load, each followed by a full drain (as root).
+soak: bootstrap
+	@$(PY) -m chaos.soak --restarts 50 --json soak-report.json
+
 clean:
-	rm -rf $(RUN_DIR) bench-results.json chaos-report.json fuzz-report.json .pytest_cache
+	rm -rf $(RUN_DIR) bench-results.json chaos-report.json soak-report.json fuzz-report.json \
+		.pytest_cache
 
 # A long hostile burst (10,000 messages, twice) against an agent process: refusals/s, peak RSS.
 fuzz: bootstrap

@@ -39,6 +39,9 @@ def main() -> int:
                 results.append(result)
                 print(f"  {result.name}: {result.value:g} {result.unit}", file=sys.stderr)
     rows = [r.as_dict() for r in results]
+    if not rows:
+        print("no benchmark produced a result", file=sys.stderr)
+        return 1
     with open(args.out, "w") as out:
         json.dump(rows, out, indent=2)
     width = max(len(r["name"]) for r in rows)

@@ -47,18 +47,20 @@ CONSOLE = "chaos"
 
 
 class Host:
-    """One agent process behind its own fault proxy."""
+    """One agent process behind its own fault proxy (straight to the broker without one)."""
 
-    def __init__(self, directory: Path, index: int, broker: RabbitNode, libvirt_uri: str):
+    def __init__(self, directory: Path, index: int, broker: RabbitNode, libvirt_uri: str,
+                 proxied: bool = True):
         self.id = f"chaos-host-{index}"
         self.port = free_ports(1)[0]
-        self.proxy = FaultProxy("127.0.0.1", broker.ports.amqp).start()
+        self.proxy = FaultProxy("127.0.0.1", broker.ports.amqp).start() if proxied else None
         self.journal = directory / f"{self.id}.db"
         self.agent = AgentProcess(directory, {
             "host_id": self.id,
             "journal": {"path": str(self.journal)},
             "libvirt": {"uri": libvirt_uri, "stats_interval": 3600.0},
-            "broker": {"urls": [self.proxy.url], "heartbeat": 2.0, "reconnect_min": 0.2,
+            "broker": {"urls": [self.proxy.url if self.proxy else broker.url],
+                       "heartbeat": 2.0, "reconnect_min": 0.2,
                        "reconnect_max": 2.0},
             "metrics": {"listen": f"127.0.0.1:{self.port}"},
         })

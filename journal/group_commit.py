@@ -89,15 +89,24 @@ class GroupCommitter:
     ``on_batch(size, seconds)`` is called after each successful commit. Requests may change
     their owner's in-memory state; ``snapshot()`` captures it and ``restore(token)`` puts it
     back whenever the database work it mirrored is rolled back.
+
+    The flusher thread survives what it runs for others: a done-callback that raises is
+    reported to ``on_failure(error, fatal=False)`` and the flusher goes on. An exception of its
+    own ends it: queued and later requests fail with ``JournalClosed`` naming it, and
+    ``on_failure(error, fatal=True)`` tells the owner, who cannot write any more.
     """
 
     def __init__(self, connection: sqlite3.Connection,
                  snapshot: Callable[[], Any], restore: Callable[[Any], None],
-                 on_batch: Callable[[int, float], None] | None = None):
+                 on_batch: Callable[[int, float], None] | None = None,
+                 on_failure: Callable[[BaseException, bool], None] | None = None):
         self._conn = connection
         self._snapshot = snapshot
         self._restore = restore
         self._on_batch = on_batch
+        self._on_failure = on_failure or (lambda error, fatal: None)
+        self.failure: BaseException | None = None  # what ended the flusher thread
+        self._commit_started: float | None = None  # monotonic start of the running commit
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # run() callers waiting for leadership
         self._work = threading.Condition(self._lock)  # the flusher waiting for work
@@ -116,7 +125,7 @@ class GroupCommitter:
         handle = Handle(self)
         with self._lock:
             if self._closed:
-                raise JournalClosed("the journal is closed")
+                raise JournalClosed(self._closed_reason())
             self._queue.append((request, handle))
             if self._flusher_idle:
                 self._work.notify()
@@ -127,7 +136,7 @@ class GroupCommitter:
         handle = Handle(self)
         with self._cond:
             if self._closed:
-                raise JournalClosed("the journal is closed")
+                raise JournalClosed(self._closed_reason())
             self._queue.append((request, handle))
         while not handle.done():
             with self._cond:
@@ -152,7 +161,33 @@ class GroupCommitter:
         batch, self._queue = self._queue, []
         return batch
 
+    def _closed_reason(self) -> str:
+        if self.failure is not None:
+            return f"the journal's flusher thread failed ({self.failure!r}); restart the process"
+        return "the journal is closed"
+
+    @property
+    def flusher_alive(self) -> bool:
+        """False once the flusher thread ended other than by ``close``."""
+        return self.failure is None
+
+    def commit_running_for(self) -> float:
+        """Seconds the running commit has taken so far (0 when none runs)."""
+        started = self._commit_started
+        return 0.0 if started is None else time.monotonic() - started
+
     def _flush_forever(self) -> None:
+        try:
+            self._flush_until_closed()
+        except BaseException as exc:  # a bug of ours: nothing can be committed any more
+            with self._cond:
+                self.failure, self._closed = exc, True
+                queued, self._queue = self._queue, []
+            error = JournalClosed(self._closed_reason())
+            self._resolve([(handle, None, error) for _, handle in queued], wake_now=True)
+            self._on_failure(exc, True)
+
+    def _flush_until_closed(self) -> None:
         while True:
             with self._cond:
                 if self._leading or not self._queue:
@@ -175,6 +210,7 @@ class GroupCommitter:
         that transaction's statements execute outside the GIL, instead of delaying its start.
         """
         started = time.perf_counter()
+        self._commit_started = time.monotonic()
         before = self._snapshot()
         try:
             try:
@@ -191,6 +227,7 @@ class GroupCommitter:
             if self._on_batch and batch:
                 self._on_batch(len(batch), time.perf_counter() - started)
         finally:
+            self._commit_started = None
             with self._cond:
                 self._leading = False
                 self._cond.notify_all()
@@ -211,7 +248,10 @@ class GroupCommitter:
             if wake_now or any(error is not None for _, _, error in results):
                 self._wake_waiters()
         for callback, handle in callbacks:
-            callback(handle)
+            try:
+                callback(handle)
+            except Exception as exc:  # the caller's bug must not stop the journal
+                self._on_failure(exc, False)
 
     def _wake_waiters(self) -> None:
         # caller holds self._lock

@@ -70,6 +70,9 @@ class Journal(OutboxMixin, InboxMixin, ConsumerStateMixin):
         self._reader_conns: list[sqlite3.Connection] = []
         self._reader_lock = threading.Lock()
         self.batch_observers: list = []  # callables(size, seconds) after each group commit
+        # callables(error, fatal) when a done-callback raised (fatal False) or the flusher
+        # thread died (fatal True: nothing can be written any more)
+        self.failure_observers: list = []
         if readonly:
             self.open_report = self._open_readonly()
             self._committer = _ReadOnly(self.path)
@@ -79,7 +82,8 @@ class Journal(OutboxMixin, InboxMixin, ConsumerStateMixin):
             except sqlite3.Error as exc:
                 raise translate_sqlite_error(exc) from exc
             self._committer = GroupCommitter(self._conn, self._snapshot, self._restore,
-                                             on_batch=self._observe_batch)
+                                             on_batch=self._observe_batch,
+                                             on_failure=self._observe_failure)
 
     # -- opening ------------------------------------------------------------------------------
     def _open(self, host_id: str | None, check: bool) -> OpenReport:
@@ -209,6 +213,24 @@ class Journal(OutboxMixin, InboxMixin, ConsumerStateMixin):
         self._committed = (self._last_seq, dict(self._stream_seqs))
         for observer in self.batch_observers:
             observer(size, seconds)
+
+    def _observe_failure(self, error: BaseException, fatal: bool) -> None:
+        if not self.failure_observers:
+            log.error("journal %s: %s failed", self.path,
+                      "the flusher thread" if fatal else "a done-callback",
+                      exc_info=(type(error), error, error.__traceback__))
+        for observer in self.failure_observers:
+            observer(error, fatal)
+
+    @property
+    def flusher_alive(self) -> bool:
+        """False once the thread that commits has died (``failure_observers`` were told)."""
+        return getattr(self._committer, "flusher_alive", True)
+
+    def commit_running_for(self) -> float:
+        """Seconds the running group commit has taken so far (0 when none runs)."""
+        running = getattr(self._committer, "commit_running_for", None)
+        return running() if running else 0.0
 
     def close(self) -> None:
         """Commit what is queued and close every connection."""

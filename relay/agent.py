@@ -8,8 +8,8 @@ import logging
 import threading
 from typing import Any
 
-from journal import Backpressure, Journal, JournalFull
-from relay import wire
+from journal import Backpressure, Journal, JournalError, JournalFull
+from relay import libvirt_loop, wire
 from relay.amqp_link import BrokerLink
 from relay.changes import Change, ObjectKey
 from relay.commands import CommandProcessor
@@ -17,10 +17,11 @@ from relay.config import AgentConfig, read_secret
 from relay.errors import LibvirtTransient
 from relay.http import StatusServer
 from relay.libvirt_adapter import LibvirtAdapter
-from relay.metrics import AgentMetrics, count_from
+from relay.metrics import PREFIX, AgentMetrics, count_from
 from relay.outbound import OutboundStream
-from relay.proton_link import BrokerSettings
+from relay.proton_link import BrokerSettings, LinkHealthCollector
 from relay.rabbitmq_admin import admin_ssl_context
+from relay.supervision import EXIT, Supervisor
 from relay.topology import Addresses
 from relay.topology_guard import TopologyGuard
 
@@ -80,6 +81,8 @@ class Agent:
     def __init__(self, config: AgentConfig):
         self.config = config
         self.metrics = AgentMetrics()
+        self.supervisor = Supervisor(stall_after=config.metrics.stall_after)
+        self.metrics.registry.register(self.supervisor.collector())
         journal_config = config.journal
         self.journal = Journal(
             journal_config.path, config.host_id, synchronous=journal_config.synchronous,
@@ -89,6 +92,12 @@ class Agent:
         if self.journal.open_report.quarantined_to is not None:
             self.metrics.quarantines.inc()
         self.journal.batch_observers.append(self._observe_commit)
+        self.journal.failure_observers.append(self._journal_failed)
+        self.supervisor.watch("journal-flusher", EXIT, alive=lambda: self.journal.flusher_alive,
+                              stuck_for=self.journal.commit_running_for)
+        self.supervisor.watch("journal-callbacks")
+        self.supervisor.watch("libvirt-event-loop", stuck_for=libvirt_loop.progress_age,
+                              failures=libvirt_loop.failure_count)
         self.addresses = Addresses(events_exchange=config.topology.events_exchange,
                                    events=config.topology.events,
                                    commands=config.topology.commands)
@@ -102,7 +111,7 @@ class Agent:
             self.sink, self.journal, config.libvirt.uri, workers=config.libvirt.workers,
             reconcile_interval=config.libvirt.reconcile_interval,
             stats_interval=config.libvirt.stats_interval,
-            on_state_change=self._libvirt_state)
+            on_state_change=self._libvirt_state, supervisor=self.supervisor)
         secret = read_secret(config.commands.hmac_key_file, config.commands.hmac_key_env,
                              "commands HMAC key")
         self.commands = CommandProcessor(
@@ -111,7 +120,7 @@ class Agent:
             workers=config.commands.workers, allow=config.commands.allow,
             secret=secret.encode() if secret else None,
             require_signature=config.commands.require_signature,
-            replies=config.topology.replies)
+            replies=config.topology.replies, supervisor=self.supervisor)
         self.topology = TopologyGuard(config, self.addresses, lambda: self.link.connected_url,
                                       admin_ssl_context(self.settings), self.metrics,
                                       on_verdict=self._wake_link,
@@ -121,15 +130,17 @@ class Agent:
                                self.addresses.commands_for(config.host_id),
                                self.commands.on_delivery, self.metrics,
                                address_check=self.topology.check,
-                               on_connected=self.topology.connected)
+                               on_connected=self.topology.connected,
+                               supervisor=self.supervisor)
+        self.metrics.registry.register(LinkHealthCollector(self.link, PREFIX))
         self.status: StatusServer | None = None
         if config.metrics.listen:
             self.status = StatusServer(config.metrics.listen, self.metrics.registry,
-                                       self.readiness)
+                                       self.readiness, self.liveness)
         self._recovered = False
         self._stop = threading.Event()
-        self._housekeeping = threading.Thread(target=self._housekeep, name="housekeeping",
-                                              daemon=True)
+        self._housekeeping = self.supervisor.thread("housekeeping", self._housekeep,
+                                                    self._stop.is_set, beats=True)
         self.metrics.backlog_entries.set_function(lambda: self.journal.backlog[0])
         self.metrics.backlog_bytes.set_function(lambda: self.journal.backlog[1])
         self.metrics.oldest_undelivered.set_function(self.journal.oldest_undelivered_age)
@@ -156,6 +167,7 @@ class Agent:
 
     def stop(self) -> None:
         """Stop everything; undelivered entries stay in the journal for the next start."""
+        self.supervisor.stopping()
         self._stop.set()
         self.link.stop()
         self.topology.stop()
@@ -169,27 +181,47 @@ class Agent:
         log.info("agent %s stopped; %d entries wait in the journal for the next start",
                  self.config.host_id, self.journal.backlog[0])
 
+    def liveness(self) -> tuple[bool, dict[str, Any]]:
+        """For /healthz: alive while no vital thread is dead, stalled or failed for good."""
+        problems = self.supervisor.problems()
+        return not problems, {"host": self.config.host_id, "problems": problems}
+
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Ready when the journal can write and libvirt is up; a down broker, an unroutable
-        topology or a backlog at its bound only degrade."""
+        """Ready when the process is alive, the journal can write and libvirt is up; a down or
+        silent broker, an unroutable topology or a backlog at its bound only degrade."""
         entries, size = self.journal.backlog
         journal_error = self.sink.last_error
         details = {
             "host": self.config.host_id, "epoch": self.journal.epoch,
             "journal": journal_error or "ok",
             "libvirt": "up" if self.libvirt.connected else "down",
-            "broker": "up" if self.link.connected else "down",
+            "broker": self._broker_state(),
             "broker_url": self.link.connected_url, "broker_error": self.link.last_error,
+            "broker_last_frame_age": round(self.link.last_frame_age(), 1),
             "topology": self.topology.last_problem or "ok",
             "backlog_entries": entries, "backlog_bytes": size,
         }
-        ready = self.libvirt.connected and not (journal_error and "disk is full" in journal_error)
+        problems = self.supervisor.problems()
+        if problems:
+            details["problems"] = problems
+        ready = (self.libvirt.connected and not problems
+                 and not (journal_error and "disk is full" in journal_error))
         degraded = (not self.link.connected or self.topology.last_problem is not None
                     or journal_error is not None)
         details["status"] = "not-ready" if not ready else "degraded" if degraded else "ok"
         return ready, details
 
+    def _broker_state(self) -> str:
+        if self.link.connected:
+            return "up"
+        if self.link.link_open:
+            return (f"silent: open, but no frame from the broker for "
+                    f"{self.link.last_frame_age():.0f} s")
+        return "down"
+
     # -- glue ---------------------------------------------------------------------------------
+    def _journal_failed(self, error: BaseException, fatal: bool) -> None:
+        self.supervisor.failed("journal-flusher" if fatal else "journal-callbacks", error)
     def _wake_link(self) -> None:
         self.link.wake()
 
@@ -221,12 +253,13 @@ class Agent:
     def _housekeep(self) -> None:
         ticks = 0
         while not self._stop.wait(1.0):
+            self.supervisor.beat("housekeeping")
             ticks += 1
             retries = self.sink.take_retries()
             if retries:
                 self.libvirt.reconcile_objects(retries)
             if ticks % 60 == 0:
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(JournalError):  # a full disk: readiness tells
                     self.journal.prune()
 
 

@@ -20,6 +20,7 @@ from relay import amqp_codec, wire
 from relay.metrics import AgentMetrics
 from relay.outbound import OutboundStream
 from relay.proton_link import BrokerSettings, ProtonLink
+from relay.supervision import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,9 @@ class BrokerLink(ProtonLink):
                  command_address: str | None,
                  on_command: Callable[[CommandDelivery], None] | None,
                  metrics: AgentMetrics, address_check: AddressCheck | None = None,
-                 on_connected: Callable[[], None] = lambda: None):
-        super().__init__(settings, "broker-link")
+                 on_connected: Callable[[], None] = lambda: None,
+                 supervisor: Supervisor | None = None):
+        super().__init__(settings, "broker-link", supervisor)
         self.stream = stream
         self.command_address = command_address
         self.on_command = on_command
@@ -79,6 +81,13 @@ class BrokerLink(ProtonLink):
         condition ``virtrelay:<code>`` says why); from any thread."""
         self.call_soon(lambda: self._settle(delivery.token, accept, refusal))
 
+    @property
+    def consuming_commands(self) -> bool:
+        """True once the command queue's consumer is attached on the current connection."""
+        receiver = self._receiver
+        return receiver is not None and self.link_open and bool(
+            receiver.state & receiver.REMOTE_ACTIVE)
+
     # -- ProtonLink hooks -----------------------------------------------------------------------
     def started(self) -> None:
         self.schedule(_FLUSH_INTERVAL, self._flush_marks)
@@ -92,13 +101,11 @@ class BrokerLink(ProtonLink):
             if url != self._previous_url:
                 self.metrics.broker_failovers.inc()
         self._previous_url = url
-        self.metrics.broker_connected.set(1)
         self.on_connected()
         self.stream.restart()
         self._pump()
 
     def detached(self) -> None:
-        self.metrics.broker_connected.set(0)
         self.metrics.replaying.set(0)
         self._deliveries.clear()
         self._parked.clear()
@@ -180,7 +187,7 @@ class BrokerLink(ProtonLink):
 
     # -- sending ---------------------------------------------------------------------------------
     def _pump(self) -> None:
-        if not self.connected:
+        if not self.link_open:
             return
         self._ensure_receiver()
         self._send_parked()

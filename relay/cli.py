@@ -20,6 +20,9 @@ from pathlib import Path
 
 from relay import __version__
 from relay.errors import RelayError
+from relay.supervision import EXIT_CODE
+
+_FATAL_STOP_TIMEOUT = 15.0  # seconds a failing agent may take to stop before it exits anyway
 
 EXIT_ERROR = 1
 EXIT_NOT_RUNNING = 3
@@ -102,7 +105,7 @@ def _agent(args) -> int:
         print(json.dumps(config.redacted(), indent=2))
         return 0
     agent = Agent(config)
-    stop = threading.Event()
+    stop = agent.supervisor.fatal_event  # a signal, or a vital thread that failed for good
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     agent.start()
@@ -111,8 +114,15 @@ def _agent(args) -> int:
               f"http://{config.metrics.listen.rpartition(':')[0] or '127.0.0.1'}:"
               f"{agent.status.port}/metrics", flush=True)
     stop.wait()
-    agent.stop()
-    return 0
+    if agent.supervisor.fatal is None:
+        agent.stop()
+        return 0
+    stopper = threading.Thread(target=agent.stop, daemon=True)  # a stuck part must not hold
+    stopper.start()                                            # the exit up
+    stopper.join(_FATAL_STOP_TIMEOUT)
+    print(f"virt-relay agent: {agent.supervisor.fatal}; exiting with status {EXIT_CODE} "
+          "for the service manager to restart the agent", file=sys.stderr, flush=True)
+    return EXIT_CODE
 
 
 def _add_broker_commands(commands) -> None:
@@ -143,13 +153,26 @@ def _add_broker_commands(commands) -> None:
         action.add_argument("--json", action="store_true", help="print machine-readable JSON")
         if name == "start":
             action.add_argument("--port", type=int, help="AMQP port (default 5682)")
+            for port, default in (("dist", 25682), ("epmd", 4379), ("prometheus", 15682)):
+                action.add_argument(f"--{port}-port", type=int,
+                                    help=f"{_PORT_NAMES[port]} port (default {default})")
         action.set_defaults(handler=_broker)
 
 
+_PORT_NAMES = {"dist": "Erlang distribution", "epmd": "epmd (Erlang port mapper)",
+               "prometheus": "Prometheus plugin"}
+
+
 def _broker(args) -> int:
+    import dataclasses
+
     from relay.rabbitmq_node import NodePorts, RabbitNode
 
-    ports = NodePorts(amqp=args.port) if getattr(args, "port", None) else None
+    given = {name: getattr(args, option, None) for name, option in (
+        ("amqp", "port"), ("dist", "dist_port"), ("epmd", "epmd_port"),
+        ("prometheus", "prometheus_port"))}
+    given = {name: port for name, port in given.items() if port}
+    ports = dataclasses.replace(NodePorts(), **given) if given else None
     node = RabbitNode(args.state_dir, ports)
     if args.action == "start":
         url = node.start()

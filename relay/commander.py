@@ -28,6 +28,7 @@ from relay.amqp_codec import ReceivedMessage
 from relay.console_link import ConsoleLink, Consumer, Token
 from relay.console_metrics import ConsoleMetrics
 from relay.errors import (
+    AddressUnroutable,
     BrokerError,
     CommandRejected,
     CommandTimeout,
@@ -45,6 +46,7 @@ _HOST_CHECK_TTL = 60.0  # seconds a host's command queue is known to exist
 _RESEND_FIRST, _RESEND_MAX = 2.0, 8.0  # re-send a command after this long without a reply
 _RESEND_UNSENT = 0.5  # seconds before sending again what the broker did not take (link down)
 _UNREACHABLE_RETRY = 30.0  # seconds before a background command checks its host again
+_UNREACHABLE_POLL = 1.0  # seconds between checks of a host while the broker is unreachable
 
 Reply = dict[str, Any]
 
@@ -123,8 +125,9 @@ class Commander:
         if self.link is None or self.link.on_link_thread:
             raise ConsoleError("Commander.call blocks: call it from your own thread, after "
                                "the console started")
-        self.check_host(host)
-        call = _Call(key, host, operation, target, args, time.time() + timeout)
+        deadline = time.time() + timeout
+        self._check_host_until(host, key, deadline)
+        call = _Call(key, host, operation, target, args, deadline)
         with self._lock:
             if key in self._calls:
                 raise ConsoleError(f"a call with key {key!r} is already waiting for its reply")
@@ -165,16 +168,31 @@ class Commander:
         raise CommandRejected(str(reply.get("error") or "the host refused the command"),
                               reply.get("code"), call.key, reply)
 
+    def _check_host_until(self, host: str, key: str, deadline: float) -> None:
+        """``check_host``, waiting for an unreachable broker until ``deadline``."""
+        while True:
+            try:
+                self.check_host(host)
+                return
+            except BrokerError as exc:
+                if time.time() + _UNREACHABLE_POLL >= deadline or self._stopped.is_set():
+                    self.metrics.command_results.labels("timeout").inc()
+                    raise CommandTimeout(
+                        f"the broker stayed unreachable, nothing was sent to host {host} "
+                        f"(key {key}): {exc}", key) from exc
+                self._stopped.wait(_UNREACHABLE_POLL)
+
     def check_host(self, host: str) -> None:
         """Raise ``ConsoleError`` unless ``host``'s command queue exists (RabbitMQ 3.x accepts
-        and drops a message sent to a missing queue)."""
+        and drops a message sent to a missing queue), ``BrokerError`` when the broker cannot
+        tell (unreachable)."""
         if self._hosts_checked.get(host, 0.0) > time.monotonic():
             return
         address = self.addresses.commands_for(host)
         try:
             with self.admin() as admin:
                 admin.check_route(address)
-        except BrokerError as exc:
+        except AddressUnroutable as exc:
             raise ConsoleError(
                 f"host {host} has no command queue on the broker ({address}): its agent never "
                 f"started there, or the host id is wrong (`virt-relay fleet` lists the hosts "
@@ -194,7 +212,7 @@ class Commander:
         def when_routable() -> None:
             try:
                 self.check_host(host)
-            except ConsoleError as exc:
+            except (ConsoleError, BrokerError) as exc:
                 log.warning("%s; trying %s again in %.0f s", exc, operation, _UNREACHABLE_RETRY)
                 self._on_link(lambda: self.link.schedule(
                     _UNREACHABLE_RETRY, lambda: self.in_background(when_routable)))

@@ -37,6 +37,7 @@ from relay.lanes import Lanes
 from relay.libvirt_errors import libvirt_calls
 from relay.metrics import AgentMetrics
 from relay.operations import OPERATIONS, Operation, lookup, resolve
+from relay.supervision import Supervisor
 
 log = logging.getLogger(__name__)
 _RECORD_RETRY = 5.0  # seconds between attempts to record a result on a full disk
@@ -54,7 +55,8 @@ class CommandProcessor:
                  settle: Settle, wake: Callable[[], None], metrics: AgentMetrics,
                  on_refresh: Callable[[bool], Any], workers: int = 4,
                  allow: list[str] | None = None, secret: bytes | None = None,
-                 require_signature: bool = False, replies: list[str] | None = None):
+                 require_signature: bool = False, replies: list[str] | None = None,
+                 supervisor: Supervisor | None = None):
         self.journal = journal
         self.connection = connection
         self.settle = settle
@@ -65,7 +67,7 @@ class CommandProcessor:
         self.secret = secret
         self.require_signature = require_signature
         self.replies = replies or []
-        self.lanes = Lanes(workers, name="command")
+        self.lanes = Lanes(workers, name="command", supervisor=supervisor)
         self._lock = threading.Lock()
         self._owed: dict[str, int] = {}  # key queued or running -> duplicates owed its reply
         self._refusals = _RefusalLog()

@@ -92,6 +92,7 @@ class CommandsConfig:
 @dataclass
 class MetricsConfig:
     listen: str = "127.0.0.1:9737"  # "" turns the endpoint off
+    stall_after: float = 60.0  # seconds without progress before a vital thread fails /healthz
 
 
 @dataclass

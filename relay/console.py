@@ -35,6 +35,7 @@ from relay.amqp_codec import ReceivedMessage
 from relay.changes import STATS
 from relay.commander import Commander
 from relay.console_link import ConsoleLink, Consumer, Token
+from relay.console_metrics import PREFIX as METRICS_PREFIX
 from relay.console_metrics import ConsoleMetrics
 from relay.errors import ConsoleBusy, ConsoleError, RelayError
 from relay.fleet import (
@@ -55,7 +56,8 @@ from relay.fleet import (
     ObjectSnapshot,
 )
 from relay.http import StatusServer
-from relay.proton_link import Backoff, BrokerSettings
+from relay.proton_link import Backoff, BrokerSettings, LinkHealthCollector
+from relay.supervision import EXIT, Supervisor
 from relay.topology import Addresses, declare_console
 
 log = logging.getLogger(__name__)
@@ -135,14 +137,16 @@ class Console:
     (``HOST:PORT``) serves /metrics, /healthz and /readyz. ``gap_grace``: seconds a missing
     stream seq may stay missing before it counts as lost; ``sweep_quiet``: seconds of quiet
     after a resync's reply before unconfirmed objects are swept (when the host's reply does not
-    say where its pass ended).
+    say where its pass ended). ``stall_after``: seconds without progress after which a vital
+    thread turns /healthz red (relay.supervision).
     """
 
     def __init__(self, console_id: str, urls: list[str], journal_path: str | os.PathLike, *,
                  addresses: Addresses | None = None, settings: BrokerSettings | None = None,
                  secret: bytes | None = None, metrics_listen: str | None = None,
                  prefetch: int = 1000, gap_grace: float = 2.0, sweep_quiet: float = 1.0,
-                 history_limit: int = 100_000, synchronous: str = "FULL"):
+                 history_limit: int = 100_000, synchronous: str = "FULL",
+                 stall_after: float = 60.0):
         if not urls:
             raise ConsoleError("a console needs at least one broker URL (amqp://host:port)")
         self.console_id = console_id
@@ -161,11 +165,19 @@ class Console:
         self._lock = threading.Lock()  # guards the fleet model against readers
         self.metrics = ConsoleMetrics()
         self.metrics.watch(self._figures)
+        self.supervisor = Supervisor(stall_after=stall_after, prefix=METRICS_PREFIX)
+        self.metrics.registry.register(self.supervisor.collector())
+        self.journal.failure_observers.append(self._journal_failed)
+        self.supervisor.watch("journal-flusher", EXIT, alive=lambda: self.journal.flusher_alive,
+                              stuck_for=self.journal.commit_running_for)
+        self.supervisor.watch("journal-callbacks")
         self.commander = Commander(console_id, self.addresses, self.settings, self.metrics,
                                    secret)
         self.link = ConsoleLink(self.settings, [
             Consumer(self.events_address, self._on_event, prefetch), self.commander.consumer],
-            on_state=self._on_link_state, on_tick=self._tick, on_idle=self._flush)
+            on_state=self._on_link_state, on_tick=self._tick, on_idle=self._flush,
+            supervisor=self.supervisor)
+        self.metrics.registry.register(LinkHealthCollector(self.link, METRICS_PREFIX))
         self.commander.attach(self.link)
         self._batch = _Batch()
         self._committing = False
@@ -179,11 +191,11 @@ class Console:
         self._ever_connected = False
         self._subscriptions: list[Subscription] = []
         self._notices: queue.SimpleQueue[list[Notice] | None] = queue.SimpleQueue()
-        self._dispatcher = threading.Thread(target=self._dispatch, name="console-dispatch",
-                                            daemon=True)
         self._stopped = threading.Event()
-        self.status = (StatusServer(metrics_listen, self.metrics.registry, self.readiness)
-                       if metrics_listen else None)
+        self._dispatcher = self.supervisor.thread("console-dispatch", self._dispatch,
+                                                  self._stopped.is_set)
+        self.status = (StatusServer(metrics_listen, self.metrics.registry, self.readiness,
+                                    self.liveness) if metrics_listen else None)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -206,6 +218,7 @@ class Console:
 
     def stop(self) -> None:
         """Disconnect and close the journal; unaccepted deliveries go back to the queue."""
+        self.supervisor.stopping()
         self._stopped.set()
         self.link.stop()
         self.commander.stop()
@@ -229,15 +242,29 @@ class Console:
         """True while the broker link is up."""
         return self.link.connected
 
+    def liveness(self) -> tuple[bool, dict[str, Any]]:
+        """For /healthz: alive while no vital thread is dead, stalled or failed for good."""
+        problems = self.supervisor.problems()
+        return not problems, {"console": self.console_id, "problems": problems}
+
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """For /readyz: ready once started; a broker outage degrades."""
+        """For /readyz: ready once started and alive; a broker outage (or a broker that went
+        silent) degrades."""
         hosts, objects, unconfirmed = self._counts()
         details = {"console": self.console_id, "broker": "up" if self.connected else "down",
                    "broker_url": self.link.connected_url, "broker_error": self.link.last_error,
+                   "broker_last_frame_age": round(self.link.last_frame_age(), 1),
                    "hosts": hosts, "objects": objects, "unconfirmed": unconfirmed,
                    "journal": "paused" if self._paused else "ok"}
-        details["status"] = "ok" if self.connected and not self._paused else "degraded"
-        return not self._stopped.is_set(), details
+        problems = self.supervisor.problems()
+        if problems:
+            details["problems"] = problems
+        details["status"] = ("not-ready" if problems else "ok"
+                             if self.connected and not self._paused else "degraded")
+        return not self._stopped.is_set() and not problems, details
+
+    def _journal_failed(self, error: BaseException, fatal: bool) -> None:
+        self.supervisor.failed("journal-flusher" if fatal else "journal-callbacks", error)
 
     def wait_idle(self, quiet: float = 0.5, timeout: float = 10.0,
                   resyncs: bool = True) -> bool:
@@ -387,7 +414,6 @@ class Console:
 
     # -- receiving (link thread) ----------------------------------------------------------------
     def _on_link_state(self, connected: bool, error: str | None) -> None:
-        self.metrics.broker_connected.set(1 if connected else 0)
         if connected:
             if self._ever_connected:
                 self.metrics.broker_reconnects.inc()

@@ -18,6 +18,7 @@ from proton import Delivery, Handler, Message
 
 from relay.amqp_codec import ReceivedMessage, decode
 from relay.proton_link import BrokerSettings, ProtonLink
+from relay.supervision import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,9 @@ class ConsoleLink(ProtonLink):
 
     def __init__(self, settings: BrokerSettings, consumers: list[Consumer],
                  on_state: Callable[[bool, str | None], None], on_tick: Callable[[], None],
-                 on_idle: Callable[[], None] = lambda: None, tick: float = 0.25):
-        super().__init__(settings, "console-link")
+                 on_idle: Callable[[], None] = lambda: None, tick: float = 0.25,
+                 supervisor: Supervisor | None = None):
+        super().__init__(settings, "console-link", supervisor)
         self.consumers = {c.address: c for c in consumers}
         self.on_state = on_state
         self.on_tick = on_tick
@@ -121,7 +123,7 @@ class ConsoleLink(ProtonLink):
     def send(self, address: str, message: Message, on_outcome: Outcome) -> None:
         """Send a durable message; ``on_outcome`` gets the broker's answer (``not-sent`` when
         the link is down or the connection was lost before an answer)."""
-        if not self.connected:
+        if not self.link_open:
             on_outcome("not-sent")
             return
         message.durable = True

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -54,8 +54,6 @@ class ConsoleMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)
         self.journal_errors = counter("journal_errors_total", "Batches the journal could not "
                                       "commit (their deliveries were released).")
-        self.broker_connected = Gauge(PREFIX + "broker_connected",
-                                      "1 while the broker link is up.", registry=r)
         self.broker_reconnects = counter("broker_reconnects_total",
                                          "Broker connections established after the first.")
         self.commands_sent = counter("commands_sent_total", "Command messages sent (a re-send "

@@ -17,19 +17,26 @@ from relay.errors import ConfigError
 Readiness = Callable[[], tuple[bool, dict[str, Any]]]
 
 
+def _always_alive() -> tuple[bool, dict[str, Any]]:
+    return True, {}
+
+
 class StatusServer:
     """Serves Prometheus metrics and health in a daemon thread.
 
-    ``/healthz``: 200 while the process serves requests. ``/readyz``: 200 when ``readiness``
-    says ready (a degraded part, such as the broker being down, is reported in the body but does
-    not make the agent unready), 503 otherwise.
+    ``/healthz``: 200 while ``liveness`` says alive (no vital thread dead, stalled or failed for
+    good: relay.supervision), 503 with the problems otherwise; it is computed on the request's
+    own thread, from memory only, so a stuck collector cannot hide it. ``/readyz``: 200 when
+    ``readiness`` says ready (a degraded part, such as the broker being down, is reported in the
+    body but does not make the agent unready), 503 otherwise.
 
     Requests are answered on a thread each, but metrics and readiness are always computed on one
     long-lived thread: collectors may read SQLite through per-thread connections (the journal's
     readers), and a thread per scrape would open, and keep, a connection per scrape.
     """
 
-    def __init__(self, listen: str, registry: CollectorRegistry, readiness: Readiness):
+    def __init__(self, listen: str, registry: CollectorRegistry, readiness: Readiness,
+                 liveness: Readiness = _always_alive):
         host, _, port = listen.rpartition(":")
         try:
             address = (host or "127.0.0.1", int(port))
@@ -43,7 +50,12 @@ class StatusServer:
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 path = self.path.split("?")[0]
                 if path == "/healthz":
-                    self._reply(200, b"ok\n", "text/plain")
+                    alive, details = liveness()
+                    if alive:
+                        self._reply(200, b"ok\n", "text/plain")
+                    else:
+                        self._reply(503, json.dumps(details).encode() + b"\n",
+                                    "application/json")
                     return
                 if path not in ("/metrics", "/readyz"):
                     self._reply(404, b"not found: try /metrics, /healthz or /readyz\n",

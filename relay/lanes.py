@@ -2,17 +2,17 @@
 
 Every task touching one libvirt object (a live event, a reconcile check, a statistics sample)
 runs in that object's lane, so changes of one object are submitted in order and never race.
-A lane blocked in a slow libvirt call holds one worker; lanes of other objects go on.
+A lane blocked in a slow libvirt call holds one worker; lanes of other objects go on. A task
+that raises is reported to ``on_failure`` (the supervisor counts it) and its worker goes on.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Hashable
 
-log = logging.getLogger(__name__)
+from relay.supervision import Supervisor
 
 Task = Callable[[], None]
 
@@ -20,9 +20,12 @@ Task = Callable[[], None]
 class Lanes:
     """A pool of ``workers`` threads running tasks FIFO per key; keys take turns."""
 
-    def __init__(self, workers: int, name: str = "lane"):
+    def __init__(self, workers: int, name: str = "lane", supervisor: Supervisor | None = None):
         if workers < 1:
             raise ValueError("Lanes needs at least one worker")
+        self.name = f"{name}-lanes"
+        self.supervisor = supervisor or Supervisor()
+        self.supervisor.watch(self.name, alive=self._alive)
         self._cond = threading.Condition()
         self._queues: dict[Hashable, deque[Task]] = {}  # a key is here while it has work
         self._ready: deque[Hashable] = deque()  # keys with work that no worker holds
@@ -47,6 +50,9 @@ class Lanes:
                 self._cond.notify()
             else:
                 queue.append(task)
+
+    def _alive(self) -> bool:
+        return self._stopping or all(t.is_alive() or not t.ident for t in self._threads)
 
     def pending(self) -> int:
         """Tasks queued or running."""
@@ -74,8 +80,8 @@ class Lanes:
                 task = self._queues[key][0]
             try:
                 task()
-            except Exception:
-                log.exception("task for %s failed", key)
+            except Exception as exc:
+                self.supervisor.failed(self.name, exc)
             with self._cond:
                 queue = self._queues[key]
                 queue.popleft()

@@ -28,6 +28,7 @@ from relay.libvirt_loop import ensure_event_loop
 from relay.objects import DOMAIN, NODE, STORAGE_VOLUME, active_pool_volumes, key_of, node_uuid
 from relay.reconcile import ObjectSync, Publisher
 from relay.stats import StatsReader
+from relay.supervision import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ class LibvirtAdapter:
                  backoff_initial: float = 0.5, backoff_max: float = 30.0,
                  keepalive_interval: int = 5, keepalive_count: int = 3,
                  liveness_interval: float = 1.0,
-                 on_state_change: Callable[[bool], None] | None = None):
+                 on_state_change: Callable[[bool], None] | None = None,
+                 supervisor: Supervisor | None = None):
         self.uri = uri
         self.on_state_change = on_state_change
         self.connected = False
@@ -63,7 +65,8 @@ class LibvirtAdapter:
         self._backoff = (backoff_initial, backoff_max)
         self._keepalive = (keepalive_interval, keepalive_count)
         self._liveness_interval = liveness_interval
-        self._lanes = Lanes(workers, "libvirt-lane")
+        self.supervisor = supervisor or Supervisor()
+        self._lanes = Lanes(workers, "libvirt", self.supervisor)
         self._sync = ObjectSync(Publisher(_CountingSink(sink, self.reconcile_differences),
                                           published),
                                 self._lanes, self.connection, self._suspect)
@@ -77,7 +80,7 @@ class LibvirtAdapter:
         self._reconcile_cond = threading.Condition()
         self._reconcile_requested = 0
         self._reconcile_done = 0
-        self._threads = [threading.Thread(target=target, name=name, daemon=True)
+        self._threads = [self.supervisor.thread(name, target, self._stopping.is_set)
                          for target, name in ((self._supervise, "libvirt-connection"),
                                               (self._reconcile_loop, "libvirt-reconcile"),
                                               (self._stats_loop, "libvirt-stats"))]

@@ -97,8 +97,7 @@ class AgentMetrics:
                                    "Corrupt journal files moved aside at start.")
         self.disk_full = counter("journal_disk_full_total",
                                  "Changes the journal refused because the disk was full.")
-        # broker link
-        self.broker_connected = gauge("broker_connected", "1 while the broker link is up.")
+        # broker link (its health gauges: proton_link.LinkHealthCollector)
         self.broker_reconnects = counter("broker_reconnects_total",
                                          "Broker connections established after the first.")
         self.broker_failovers = counter("broker_failovers_total",

@@ -7,24 +7,38 @@ timeout, reconnecting with capped jittered exponential backoff across the broker
 a shutdown that waits for the broker to confirm the close. Subclasses attach their links in
 ``attached`` and forget per-connection state in ``detached``. Proton stays inside this module
 and its subclasses.
+
+Every way a connection ends leads to a reconnect: the end of the transport is handled for the
+current connection whatever our side's state, and every close we start is bounded (a transport
+whose peer does not answer is torn down after ``_CLOSE_TIMEOUT``). An exception in the event
+loop is counted by the ``Supervisor`` and the loop is rebuilt. ``connected`` is evidence, not a
+flag: the connection is open *and* frames arrived from the broker within the heartbeat bound
+(the AMQP idle timeout makes the broker send some at least that often), so a stuck loop or a
+silent peer reads as down.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client.core import GaugeMetricFamily
 from proton import SASL, SSLDomain, Terminus
 from proton.handlers import MessagingHandler
 from proton.reactor import ApplicationEvent, Container, EventInjector, LinkOption
 
+from relay.supervision import RESTART, Supervisor
+
 log = logging.getLogger(__name__)
 
 _CLOSE_TIMEOUT = 5.0  # seconds to wait for the broker to confirm a closing connection
+_TICK = 1.0  # seconds between the loop's own progress checks (frames seen, a beat)
 
 
 @dataclass
@@ -122,18 +136,24 @@ class ProtonLink(MessagingHandler):
     """A connection that keeps itself open; subclass hooks: ``started``, ``attached``,
     ``opened``, ``detached``. Only the link thread may touch proton objects."""
 
-    def __init__(self, settings: BrokerSettings, name: str):
+    def __init__(self, settings: BrokerSettings, name: str,
+                 supervisor: Supervisor | None = None):
         super().__init__(prefetch=0, auto_accept=False, auto_settle=True)
         self.settings = settings
         self.name = name
-        self.connected = False
+        self.supervisor = supervisor or Supervisor()
+        self.supervisor.watch(name, RESTART, beats=True, alive=self._alive)
+        self.link_open = False  # proton's view: the AMQP open was answered, no end seen yet
         self.connected_url: str | None = None
         self.last_error: str | None = None
+        self.rebuilds = 0  # event loops rebuilt after an exception
         self._attempt_url = ""
         self._url_index = 0
         self._backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
         self._connection = None
         self._generation = 0  # which connection: stale deliveries carry an older one
+        self._frames_in = 0
+        self._last_frame_at = time.monotonic()
         self._senders: dict[str, Any] = {}
         self._stopping = False
         self._halted = False
@@ -162,6 +182,25 @@ class ProtonLink(MessagingHandler):
         """True when called from the link thread."""
         return threading.current_thread() is self._thread
 
+    @property
+    def connected(self) -> bool:
+        """True while the connection is open and the broker was heard from recently enough."""
+        return self.link_open and self.last_frame_age() <= self.evidence_bound
+
+    @property
+    def evidence_bound(self) -> float:
+        """Seconds without a frame from the broker after which the link counts as down: the
+        heartbeat (AMQP idle timeout), plus one tick of the loop that looks."""
+        return max(self.settings.heartbeat, _TICK) + 2 * _TICK
+
+    def last_frame_age(self) -> float:
+        """Seconds since the loop last saw frames arrive from the broker (or since the current
+        connection opened)."""
+        return time.monotonic() - self._last_frame_at
+
+    def _alive(self) -> bool:
+        return self._thread.is_alive() or self._halted or not self._thread.ident
+
     # -- link thread: for subclasses ------------------------------------------------------------
     def schedule(self, delay: float, func: Callable[[], None]):
         """Run ``func`` on the link thread in ``delay`` seconds."""
@@ -177,7 +216,7 @@ class ProtonLink(MessagingHandler):
         return sender
 
     def started(self) -> None:
-        """The event loop runs (before the first connect)."""
+        """The event loop runs (before the first connect, and again after a rebuild)."""
 
     def attached(self, connection) -> None:
         """A connection is being opened: create its receivers."""
@@ -188,22 +227,63 @@ class ProtonLink(MessagingHandler):
     def detached(self) -> None:
         """The connection is gone: forget what belonged to it."""
 
-    # -- proton callbacks -----------------------------------------------------------------------
+    # -- the loop and its supervision -----------------------------------------------------------
     def _run(self) -> None:
-        try:
-            self._container.run()
-        except Exception:  # the loop must never die silently
-            log.exception("%s event loop crashed", self.name)
-            raise
+        while True:
+            try:
+                self._container.run()
+                return
+            except Exception as exc:  # the loop must never die silently
+                self.supervisor.failed(self.name, exc)
+            if self._stopping:
+                return
+            self._rebuild()
 
+    def _rebuild(self) -> None:
+        """A handler raised: drop the connection and start a fresh event loop, after a pause
+        (the broker redelivers what was unsettled)."""
+        self.rebuilds += 1
+        connection, self._connection = self._connection, None
+        if connection is not None and connection.transport is not None:
+            # The old loop will never run again: close its socket ourselves (proton keeps the
+            # socket of a transport on its selectable).
+            with contextlib.suppress(Exception):
+                connection.transport._selectable.close()
+        self.link_open = False
+        self._senders.clear()
+        with contextlib.suppress(Exception):
+            self.detached()
+        old_injector = self._injector
+        self._injector = EventInjector()
+        self._container = Container(self)
+        self._container.selectable(self._injector)
+        with contextlib.suppress(Exception):
+            old_injector.close()
+        time.sleep(self._backoff.next())
+
+    def _tick(self) -> None:
+        """Every ``_TICK``: show progress, and note whether frames arrived from the broker."""
+        self.supervisor.beat(self.name)
+        transport = self._connection.transport if self._connection is not None else None
+        if transport is not None:
+            frames = transport.frames_input
+            if frames != self._frames_in:
+                self._frames_in, self._last_frame_at = frames, time.monotonic()
+        if not self._halted:
+            self.schedule(_TICK, self._tick)
+
+    # -- proton callbacks -----------------------------------------------------------------------
     def on_call(self, event) -> None:
         event.subject()
 
     def on_start(self, event) -> None:
+        self._tick()
         self.started()
         self._connect()
 
     def _connect(self) -> None:
+        if self._stopping:
+            return
         url = self.settings.urls[self._url_index % len(self.settings.urls)]
         log.info("%s: connecting to broker %s", self.name, url)
         self._attempt_url = url
@@ -214,18 +294,18 @@ class ProtonLink(MessagingHandler):
         self.attached(self._connection)
 
     def _open_timed_out(self, attempt) -> None:
-        if attempt == self._connection and not self.connected:
+        if attempt == self._connection and not self.link_open:
             self.last_error = (f"no AMQP open from {self._attempt_url} within "
                                f"{self.settings.open_timeout:.0f} s")
             log.warning("%s: %s", self.name, self.last_error)
-            attempt.close()
             self._lost()
 
     def on_connection_opened(self, event) -> None:
         if event.connection != self._connection:
             return
         reconnected = self.connected_url is not None
-        self.connected, self.connected_url, self.last_error = True, self._attempt_url, None
+        self.link_open, self.connected_url, self.last_error = True, self._attempt_url, None
+        self._frames_in, self._last_frame_at = event.transport.frames_input, time.monotonic()
         self._backoff.reset()
         log.info("%s: connected to broker %s", self.name, self.connected_url)
         self.opened(self.connected_url, reconnected)
@@ -234,7 +314,7 @@ class ProtonLink(MessagingHandler):
         condition = event.transport.condition
         self.last_error = (f"{condition.name}: {condition.description}" if condition
                            else "transport error")
-        outcome = event.transport.sasl().outcome if not self.connected else SASL.OK
+        outcome = event.transport.sasl().outcome if not self.link_open else SASL.OK
         if outcome not in (None, SASL.OK):
             self.last_error += " (SASL authentication refused: check broker.user and its password)"
         elif (outcome is None and (self.settings.user or self.settings.sasl_mechanisms)
@@ -254,39 +334,61 @@ class ProtonLink(MessagingHandler):
         condition = event.connection.remote_condition
         self.last_error = f"{condition.name}: {condition.description}" if condition else "closed"
         log.warning("%s: the broker closed the connection: %s", self.name, self.last_error)
-        event.connection.close()
+        self._close(event.connection)
 
     def on_session_error(self, event) -> None:
-        self.on_connection_error(event)
+        condition = event.session.remote_condition
+        self.last_error = (f"session: {condition.name}: {condition.description}" if condition
+                           else "session ended")
+        log.warning("%s: the broker ended a session: %s", self.name, self.last_error)
+        self._close(event.connection)
 
     def on_link_error(self, event) -> None:
         condition = event.link.remote_condition
         self.last_error = (f"link {event.link.name}: {condition.name}: {condition.description}"
                            if condition else f"link {event.link.name} closed")
         log.warning("%s: the broker closed a link: %s", self.name, self.last_error)
-        event.connection.close()
+        self._close(event.connection)
 
-    def on_disconnected(self, event) -> None:
-        if event.connection == self._connection:
+    def on_transport_closed(self, event) -> None:
+        """The socket is gone, whatever state our side of the connection was in (a close we
+        started and the peer reset instead of answering is the case proton's own
+        ``on_disconnected`` does not report)."""
+        if event.connection is not None and event.connection == self._connection:
             self._lost()
 
     def on_connection_closed(self, event) -> None:
         if event.connection == self._connection:
             self._lost()
 
+    def _close(self, connection) -> None:
+        """Close ``connection``, and tear its transport down if the peer does not answer."""
+        connection.close()
+        self.schedule(_CLOSE_TIMEOUT, lambda: self._tear_down(connection))
+
+    def _tear_down(self, connection) -> None:
+        transport = connection.transport
+        if transport is not None and not transport.closed:
+            log.warning("%s: no answer to our close within %.0f s: dropping the connection",
+                        self.name, _CLOSE_TIMEOUT)
+            transport.close_tail()
+            transport.close_head()
+        if connection == self._connection:
+            self._lost()
+
     def _lost(self) -> None:
-        was_connected = self.connected
-        self.connected = False
+        was_open = self.link_open
+        self.link_open = False
         self._senders.clear()
         self.detached()
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            self._close(connection)
         if self._stopping:
             self._halt()
             return
         delay = self._backoff.next()
-        if not was_connected:
+        if not was_open:
             self._url_index += 1  # this URL failed: try the next one (failover)
         log.info("%s down (%s); reconnecting in %.1f s", self.name, self.last_error, delay)
         self.schedule(delay, self._connect)
@@ -307,3 +409,29 @@ class ProtonLink(MessagingHandler):
             self._halted = True
             self._injector.close()
             self._container.stop()
+
+
+class LinkHealthCollector:
+    """Prometheus gauges of a link's health by evidence (prefix ``virtrelay_`` or
+    ``virtrelay_console_``): ``broker_connected`` (open and heard from), ``broker_link_open``
+    (proton's view alone), ``broker_last_frame_age_seconds`` and ``broker_heartbeat_seconds``;
+    open but silent beyond twice the heartbeat is what the "connected but no frames" alert
+    watches."""
+
+    def __init__(self, link: ProtonLink, prefix: str):
+        self.link, self.prefix = link, prefix
+
+    def collect(self):
+        link, p = self.link, self.prefix
+        yield GaugeMetricFamily(p + "broker_connected", "1 while the broker link is open and "
+                                "frames arrived from the broker within the heartbeat bound.",
+                                value=1 if link.connected else 0)
+        yield GaugeMetricFamily(p + "broker_link_open", "1 while the AMQP connection is open "
+                                "as far as the link's own state knows (no evidence needed).",
+                                value=1 if link.link_open else 0)
+        yield GaugeMetricFamily(p + "broker_last_frame_age_seconds", "Seconds since frames last "
+                                "arrived from the broker (or since the connection opened).",
+                                value=link.last_frame_age())
+        yield GaugeMetricFamily(p + "broker_heartbeat_seconds", "The AMQP idle timeout "
+                                "(`[broker] heartbeat`): the broker sends frames at least "
+                                "this often on a healthy link.", value=link.settings.heartbeat)

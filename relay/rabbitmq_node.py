@@ -229,6 +229,7 @@ class RabbitNode:
             if not self._wait_gone(pgid, timeout):
                 _signal_group(pgid, signal.SIGKILL)
                 self._wait_gone(pgid, 10)
+            self._wait_ports_released()
         self._stop_epmd()
 
     def kill(self) -> None:
@@ -238,11 +239,20 @@ class RabbitNode:
             _signal_group(pgid, signal.SIGKILL)
             if not self._wait_gone(pgid, 10):
                 raise BrokerNodeError(f"RabbitMQ process group {pgid} survived SIGKILL")
+            self._wait_ports_released()
 
     def restart(self, timeout: float = 90.0) -> str:
         """Start again on the same data directory and ports (after kill or stop)."""
         self.kill()
         return self.start(timeout)
+
+    def _wait_ports_released(self, timeout: float = 15.0) -> None:
+        """The kernel may release a dead node's listening sockets a moment after its exit."""
+        deadline = time.monotonic() + timeout
+        while not all(port_is_free(port) for port in (self.ports.amqp, self.ports.dist)):
+            if time.monotonic() > deadline:
+                return  # start() names the port still in use
+            time.sleep(0.1)
 
     def _wait_gone(self, pgid: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

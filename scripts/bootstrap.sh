@@ -4,10 +4,15 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES="rabbitmq-server libvirt-dev libvirt-clients libvirt-daemon pkg-config libssl-dev gcc
-python3 python3-venv python3-dev prometheus iproute2 nftables iptables openssl e2fsprogs procps"
+# libvirt-daemon-driver-qemu and qemu-system-x86 run the real-hypervisor tests (tests/hypervisor);
+# never with recommends: libvirt-daemon-system would pull systemd and ~180 packages.
+DEBIAN_PACKAGES="rabbitmq-server libvirt-dev libvirt-clients libvirt-daemon libvirt-daemon-driver-qemu
+qemu-system-x86 pkg-config libssl-dev gcc python3 python3-venv python3-dev prometheus iproute2
+nftables iptables openssl e2fsprogs procps util-linux"
 
 say() { printf 'bootstrap: %s\n' "$*"; }
+# How to act as root: nothing (root), sudo, or "-" (neither: report what is missing and stop).
+if [ "$(id -u)" -eq 0 ]; then SUDO=""; elif command -v sudo >/dev/null; then SUDO="sudo"; else SUDO="-"; fi
 
 missing=""
 for pkg in $DEBIAN_PACKAGES; do
@@ -15,7 +20,7 @@ for pkg in $DEBIAN_PACKAGES; do
         || missing="$missing $pkg"
 done
 if [ -n "$missing" ]; then
-    if [ "$(id -u)" -eq 0 ]; then SUDO=""; elif command -v sudo >/dev/null; then SUDO="sudo"; else
+    if [ "$SUDO" = "-" ]; then
         say "missing Debian packages:$missing; run this script as root or install them"; exit 1
     fi
     say "installing Debian packages:$missing"
@@ -24,6 +29,22 @@ if [ -n "$missing" ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends $missing
 else
     say "Debian packages present"
+fi
+
+# What libvirt-daemon-system would create: the qemu driver runs guests as libvirt-qemu:kvm.
+if ! getent group kvm >/dev/null || ! getent group libvirt-qemu >/dev/null \
+    || ! getent passwd libvirt-qemu >/dev/null; then
+    if [ "$SUDO" = "-" ]; then
+        say "no kvm/libvirt-qemu group or user (run this script as root): hypervisor tests skip"
+    else
+        for group in kvm libvirt-qemu; do
+            getent group "$group" >/dev/null \
+                || { say "creating group $group"; $SUDO groupadd --system "$group"; }
+        done
+        getent passwd libvirt-qemu >/dev/null || { say "creating user libvirt-qemu"
+            $SUDO useradd --system --gid kvm --groups libvirt-qemu --home-dir /var/lib/libvirt \
+                --no-create-home --shell /usr/sbin/nologin libvirt-qemu; }
+    fi
 fi
 
 PYTHON=""

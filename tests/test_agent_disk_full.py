@@ -61,10 +61,10 @@ def test_a_full_disk_degrades_the_agent_and_everything_resumes_when_space_return
                 worker.join()
                 ballast.unlink()  # space returns
 
-                wait_until(lambda: agent.readiness()[0], timeout=60,
-                           what="the agent to be ready again")
+                wait_until(lambda: agent.readiness()[0], timeout=180,
+                           what=lambda: f"the agent to be ready again: {agent.readiness()[1]}")
                 replies.wait_for(lambda ms: any(m.properties.get("command_key") == key
-                                                for m in ms), timeout=60,
+                                                for m in ms), timeout=180,
                                  what="the reply to the command sent while the disk was full")
                 reply = next(m for m in replies.messages if m.properties["command_key"] == key)
                 # the domain may have been paused or running when the command finally ran

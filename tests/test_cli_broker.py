@@ -27,8 +27,11 @@ def test_version_and_help():
 
 def test_broker_start_status_stop(tmp_path):
     state = str(tmp_path / "broker")
-    port = NodePorts.free().amqp
-    started = cli("broker", "start", "--state-dir", state, "--port", str(port), "--json")
+    ports = NodePorts.free()  # never the defaults: a demo broker may run beside the tests
+    port = ports.amqp
+    started = cli("broker", "start", "--state-dir", state, "--port", str(port),
+                  "--dist-port", str(ports.dist), "--epmd-port", str(ports.epmd),
+                  "--prometheus-port", str(ports.prometheus), "--json")
     try:
         assert started.returncode == 0, started.stderr
         url = json.loads(started.stdout)["url"]

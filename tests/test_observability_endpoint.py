@@ -7,12 +7,9 @@ from __future__ import annotations
 import collections
 import json
 import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from journal import Journal
 from relay.agent import Agent
@@ -23,29 +20,9 @@ from tests.support import wait_until
 from tests.support.agent import agent_config, running_agent
 from tests.support.libvirt_side import Scratch, running_adapter
 from tests.support.memory_sink import MemorySink
+from tests.support.status import get, sample, scrape
 
 NO_BROKER = "amqp://127.0.0.1:9"  # discard port: nothing speaks AMQP there
-
-
-def get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    """Every sample of /metrics: (name, sorted labels) -> value."""
-    status, body = get(f"http://127.0.0.1:{port}/metrics")
-    assert status == 200
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(body.decode())
-            for s in family.samples}
-
-
-def sample(samples, name: str, **labels) -> float:
-    return samples[(name, tuple(sorted(labels.items())))]
 
 
 def open_fds() -> int:
