@@ -24,7 +24,11 @@ def test_a_pika_consumer_of_its_own_queue_reads_every_event_as_raw_json(broker, 
                       [(queue, "virtrelay.events", config.host_id)])
     with running_agent(config) as agent:
         assert agent.libvirt.reconcile(timeout=20)
-        wait_until(lambda: agent.journal.backlog[0] == 0, timeout=30, what="events delivered")
+        wait_until(lambda: agent.journal.committed_last_seq > 0
+                   and agent.journal.backlog[0] == 0, timeout=30, what="events delivered")
+    with RabbitAdmin(broker.url) as admin:
+        wait_until(lambda: admin.queue_depth(f"/amq/queue/{queue}") > 0, timeout=30,
+                   what="events in the third party's queue")
     connection = pika.BlockingConnection(connection_parameters(broker.url))
     try:
         channel = connection.channel()
