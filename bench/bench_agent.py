@@ -22,9 +22,9 @@ from bench import Result, benchmark
 from bench.bench_journal import BODY
 from journal import Entry, Journal
 from relay import wire
-from relay.rabbitmq_admin import RabbitAdmin
-from relay.rabbitmq_node import NodePorts, RabbitNode, free_ports
-from relay.topology import Addresses, declare_console
+from relay.broker.admin import RabbitAdmin
+from relay.broker.node import NodePorts, RabbitNode, free_ports
+from relay.broker.topology import Addresses, declare_console
 
 BACKLOG = 100_000
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def _agent_process(tmp: Path, node: RabbitNode, host: str, journal: Path, port: 
              "[broker]", f'urls = ["{node.url}"]']
     lines += [f"{key} = {json.dumps(value)}" for key, value in broker.items()]
     config.write_text("\n".join(lines) + "\n")
-    return subprocess.Popen([sys.executable, "-m", "relay.cli", "agent", "--config",
+    return subprocess.Popen([sys.executable, "-m", "relay.app.cli", "agent", "--config",
                              str(config), "--log-level", "WARNING"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -30,13 +30,13 @@ from proton.reactor import Container
 from proton.utils import BlockingConnection
 
 from bench import Result, benchmark
-from relay import config as config_module
 from relay.agent import Agent
+from relay.agent import config as config_module
+from relay.broker.admin import RabbitAdmin
+from relay.broker.node import NodePorts, RabbitNode
+from relay.broker.topology import Addresses, declare_console
 from relay.console import Console
-from relay.libvirt_loop import ensure_event_loop
-from relay.rabbitmq_admin import RabbitAdmin
-from relay.rabbitmq_node import NodePorts, RabbitNode
-from relay.topology import Addresses, declare_console
+from relay.libvirt.loop import ensure_event_loop
 from tests.support.simulated import simulated_events
 
 ROUNDS = 200  # sequential events / calls per latency figure

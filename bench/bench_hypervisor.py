@@ -26,7 +26,7 @@ from pathlib import Path
 import libvirt
 
 from bench import Result, benchmark
-from relay.libvirt_loop import ensure_event_loop
+from relay.libvirt.loop import ensure_event_loop
 from tests.support import wait_until
 from tests.support.broker import private_broker
 from tests.support.fleet import AgentHost, running_console

@@ -29,7 +29,7 @@ class AgentProcess:
         env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env, **(extra_env or {})}
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "relay.cli", "agent", "--config", str(self.path),
+                [sys.executable, "-m", "relay.app.cli", "agent", "--config", str(self.path),
                  "--log-level", "DEBUG"], env=env, stdout=log, stderr=subprocess.STDOUT,
                 cwd=ROOT)
 

@@ -37,9 +37,9 @@ from chaos.processes import AgentProcess
 from chaos.proxy import FaultProxy
 from journal import Journal
 from relay import wire
-from relay.rabbitmq_admin import RabbitAdmin
-from relay.rabbitmq_node import NodePorts, RabbitNode, free_ports
-from relay.topology import Addresses, declare_console
+from relay.broker.admin import RabbitAdmin
+from relay.broker.node import NodePorts, RabbitNode, free_ports
+from relay.broker.topology import Addresses, declare_console
 
 log = logging.getLogger("chaos")
 FAULTS = ("broker-kill", "partition-blackhole", "partition-reset", "agent-kill")

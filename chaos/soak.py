@@ -26,9 +26,9 @@ import libvirt
 from chaos.checker import Fault, check
 from chaos.libvirtd import private_libvirtd
 from chaos.run import CONSOLE, Host, Reader, _churn, _wait
-from relay.rabbitmq_admin import RabbitAdmin
-from relay.rabbitmq_node import NodePorts, RabbitNode
-from relay.topology import Addresses, declare_console
+from relay.broker.admin import RabbitAdmin
+from relay.broker.node import NodePorts, RabbitNode
+from relay.broker.topology import Addresses, declare_console
 
 log = logging.getLogger("chaos.soak")
 

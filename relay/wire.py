@@ -48,7 +48,7 @@ OK = "ok"
 ERROR = "error"
 OUTCOME_UNKNOWN = "outcome-unknown"
 
-# Route probes (relay.rabbitmq_admin.RabbitAdmin.check_route) carry this message id (AMQP 0-9-1
+# Route probes (relay.broker.admin.RabbitAdmin.check_route) carry this message id (AMQP 0-9-1
 # headers do not survive RabbitMQ's conversion to AMQP 1.0; the message id does); consumers
 # discard them.
 PROBE_MESSAGE_ID = "virtrelay-probe"

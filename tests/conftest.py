@@ -5,7 +5,7 @@ from __future__ import annotations
 import libvirt
 import pytest
 
-from relay.libvirt_loop import ensure_event_loop
+from relay.libvirt.loop import ensure_event_loop
 from tests.support.broker import private_broker
 
 

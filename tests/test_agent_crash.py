@@ -17,7 +17,7 @@ import pytest
 from chaos.libvirtd import private_libvirtd
 from journal import Journal
 from relay import wire
-from relay.rabbitmq_node import free_ports
+from relay.broker.node import free_ports
 from tests.support import wait_until
 from tests.support.agent import (
     AgentProcess,

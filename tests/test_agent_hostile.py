@@ -16,8 +16,8 @@ from proton import Message
 
 from journal import EXECUTING, RECEIVED
 from relay import wire
-from relay.rabbitmq_admin import RabbitAdmin
-from relay.topology import Addresses, dead_letter_policy, declare_dead_letters
+from relay.broker.admin import RabbitAdmin
+from relay.broker.topology import Addresses, dead_letter_policy, declare_dead_letters
 from tests.support import wait_until
 from tests.support.agent import (
     ROOT,
@@ -204,7 +204,7 @@ def test_an_unroutable_reply_becomes_undeliverable_and_holds_up_no_other_reply(
     wait_until(lambda: metric(agent, "outbox_undeliverable_total") == 1, timeout=30,
                what="the reply to a missing queue marked undeliverable")
     assert agent.journal.stats().undeliverable_entries == 1
-    verify = subprocess.run([sys.executable, "-m", "relay.cli", "journal", "verify",
+    verify = subprocess.run([sys.executable, "-m", "relay.app.cli", "journal", "verify",
                              str(agent.journal.path)], capture_output=True, text=True,
                             cwd=ROOT, timeout=60)
     assert verify.returncode == 0 and "1 undeliverable replies" in verify.stdout, verify

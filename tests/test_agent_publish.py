@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import threading
 
-from relay.objects import DOMAIN
-from relay.topology import Addresses
+from relay.broker.topology import Addresses
+from relay.libvirt.objects import DOMAIN
 from tests.support import wait_until
 from tests.support.agent import (
     QueueReader,

@@ -133,7 +133,7 @@ def test_the_agent_command_exits_non_zero_when_a_vital_thread_fails(broker, tmp_
     script = textwrap.dedent(f"""
         import sys
         import journal.group_commit as group_commit
-        from relay.cli import main
+        from relay.app.cli import main
 
         def broken(self, *args, **kwargs):
             raise AssertionError("injected: a bug in the flusher")

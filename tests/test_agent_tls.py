@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.rabbitmq_node import free_ports
+from relay.broker.node import free_ports
 from tests.support import wait_until
 from tests.support.agent import QueueReader, agent_config, declare_consoles, running_agent, unique
 from tests.support.broker import private_broker

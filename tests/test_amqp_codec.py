@@ -1,4 +1,4 @@
-"""``relay.amqp_codec`` against proton: for every message proton encodes, ``decode`` reads the
+"""``relay.broker.codec`` against proton: for every message proton encodes, ``decode`` reads the
 same fields as proton does (the fast path when it knows the encoding, proton when not); for
 every message the agent sends, ``encode`` writes what proton decodes to the same fields as
 proton's own encoding."""
@@ -25,7 +25,7 @@ from proton import (
     ushort,
 )
 
-from relay.amqp_codec import _decode, _decode_with_proton, decode, encode
+from relay.broker.codec import _decode, _decode_with_proton, decode, encode
 
 FIELDS = ("id", "subject", "correlation_id", "content_type", "content_encoding",
           "creation_time", "properties", "body")

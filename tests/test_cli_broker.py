@@ -10,12 +10,12 @@ import sys
 import pytest
 
 from relay import __version__
+from relay.broker.node import NodePorts, RabbitNode, amqp_accepts
 from relay.errors import BrokerNodeError
-from relay.rabbitmq_node import NodePorts, RabbitNode, amqp_accepts
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "relay.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "relay.app.cli", *args], capture_output=True,
                           text=True, timeout=120, check=False)
 
 

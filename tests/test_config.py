@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import config as config_module
+from relay.agent import config as config_module
 from relay.errors import ConfigError
 
 SAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "agent.sample.toml"
@@ -66,7 +66,7 @@ def test_bad_settings_are_refused_naming_the_setting(environ, message):
 
 def test_check_config_prints_the_effective_configuration_without_secrets(sample, tmp_path):
     (tmp_path / "broker-password").write_text("hunter2-very-secret\n")
-    result = subprocess.run([sys.executable, "-m", "relay.cli", "agent", "--config", str(sample),
+    result = subprocess.run([sys.executable, "-m", "relay", "agent", "--config", str(sample),
                              "--check-config", "--broker-url", "amqp://flag:5672"],
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr

@@ -13,9 +13,9 @@ import pytest
 from proton.utils import BlockingConnection
 
 from relay import wire
+from relay.broker.topology import Addresses
+from relay.console.fleet import NOTICE_SWEPT
 from relay.errors import CommandRejected
-from relay.fleet import NOTICE_SWEPT
-from relay.topology import Addresses
 from tests.support import wait_until
 from tests.support.agent import decode, unique
 from tests.support.fleet import (

@@ -8,9 +8,9 @@ import threading
 
 import pytest
 
-from relay.cli import EXIT_ERROR, EXIT_OUTCOME_UNKNOWN, EXIT_REJECTED, EXIT_TIMEOUT, main
-from relay.rabbitmq_admin import RabbitAdmin
-from relay.topology import Addresses, declare_host
+from relay.app.cli import EXIT_ERROR, EXIT_OUTCOME_UNKNOWN, EXIT_REJECTED, EXIT_TIMEOUT, main
+from relay.broker.admin import RabbitAdmin
+from relay.broker.topology import Addresses, declare_host
 from tests.support import wait_until
 from tests.support.agent import unique
 from tests.support.fleet import AgentHost

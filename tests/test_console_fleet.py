@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from relay import wire
-from relay.fleet import (
+from relay.console.fleet import (
     APPLIED,
     DUPLICATE,
     IGNORED,

@@ -6,8 +6,8 @@ from __future__ import annotations
 from proton import Message
 from proton.utils import BlockingConnection
 
-from relay.rabbitmq_admin import RabbitAdmin
-from relay.topology import Addresses, declare_console
+from relay.broker.admin import RabbitAdmin
+from relay.broker.topology import Addresses, declare_console
 from tests.support import wait_until
 from tests.support.agent import unique
 from tests.support.fleet import running_console

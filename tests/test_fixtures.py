@@ -6,9 +6,9 @@ import uuid
 
 import pytest
 
+from relay.broker.admin import RabbitAdmin
+from relay.broker.node import amqp_accepts, port_is_free
 from relay.errors import AddressUnroutable
-from relay.rabbitmq_admin import RabbitAdmin
-from relay.rabbitmq_node import amqp_accepts, port_is_free
 from tests.support import wait_until
 from tests.support.broker import private_broker, receive_all, send_durable
 

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from journal import EXECUTING, RECEIVED
 from relay import wire
-from relay.libvirt_loop import ensure_event_loop
-from relay.rabbitmq_admin import RabbitAdmin
-from relay.topology import Addresses, dead_letter_policy, declare_dead_letters
+from relay.broker.admin import RabbitAdmin
+from relay.broker.topology import Addresses, dead_letter_policy, declare_dead_letters
+from relay.libvirt.loop import ensure_event_loop
 from tests.support import wait_until
 from tests.support.agent import (
     QueueReader,

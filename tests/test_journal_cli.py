@@ -10,7 +10,7 @@ from journal import Entry, Journal
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "relay.cli", "journal", *args],
+    return subprocess.run([sys.executable, "-m", "relay.app.cli", "journal", *args],
                           capture_output=True, text=True, timeout=60, check=False)
 
 

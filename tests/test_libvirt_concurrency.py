@@ -9,7 +9,7 @@ import pytest
 
 from relay.changes import LIVE, RECONCILED
 from relay.lanes import Lanes
-from relay.objects import DOMAIN
+from relay.libvirt.objects import DOMAIN
 from tests.support import wait_until
 from tests.support.libvirt_side import Scratch, next_change, running_adapter
 from tests.support.memory_sink import MemorySink

@@ -7,7 +7,7 @@ import pytest
 
 from chaos.libvirtd import private_libvirtd
 from relay.errors import LibvirtNotSupported, LibvirtPermanent, LibvirtTransient
-from relay.libvirt_errors import classify_libvirt_error, is_missing, libvirt_calls
+from relay.libvirt.errors import classify_libvirt_error, is_missing, libvirt_calls
 from tests.support.libvirt_side import Scratch
 
 

@@ -9,7 +9,7 @@ import libvirt
 import pytest
 
 from relay.changes import LIVE, RECONCILED
-from relay.objects import DOMAIN, NETWORK, OBJECT_CLASSES, list_keys, read_state
+from relay.libvirt.objects import DOMAIN, NETWORK, OBJECT_CLASSES, list_keys, read_state
 from tests.support import wait_until
 from tests.support.libvirt_side import Scratch, next_change, running_adapter
 from tests.support.memory_sink import MemorySink

@@ -15,7 +15,7 @@ import pytest
 
 from chaos.libvirtd import private_libvirtd
 from relay.changes import LIVE, RECONCILED
-from relay.objects import DOMAIN
+from relay.libvirt.objects import DOMAIN
 from tests.support import wait_until
 from tests.support.libvirt_side import DOMAIN_XML, Scratch, next_change, running_adapter
 from tests.support.memory_sink import MemorySink

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from relay.changes import LIVE, STATS
-from relay.objects import DOMAIN, NODE, STORAGE_VOLUME
+from relay.libvirt.objects import DOMAIN, NODE, STORAGE_VOLUME
 from tests.support import wait_until
 from tests.support.libvirt_side import Scratch, running_adapter
 from tests.support.memory_sink import MemorySink
@@ -69,7 +69,7 @@ def test_inactive_domains_are_not_sampled_and_volumes_report_their_allocation(sc
 def test_a_call_the_driver_does_not_support_is_tried_once_per_connection(caplog):
     """The test driver lacks virNodeGetMemoryStats: logged once, then skipped every cycle."""
     sink = MemorySink()
-    caplog.set_level(logging.INFO, logger="relay.stats")
+    caplog.set_level(logging.INFO, logger="relay.libvirt.stats")
     with running_adapter(sink, stats_interval=0.05) as adapter:
         node_key = next(key for key in sink.published_states() if key[0] == NODE)
         samples = _samples(sink, node_key, 4)

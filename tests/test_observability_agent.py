@@ -27,9 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from chaos.proxy import FaultProxy
 from relay.console import Console
-from relay.libvirt_loop import ensure_event_loop
-from relay.objects import list_keys
-from relay.operations import OPERATIONS
+from relay.libvirt.loop import ensure_event_loop
+from relay.libvirt.objects import list_keys
+from relay.libvirt.operations import OPERATIONS
 from tests.support import wait_until
 from tests.support.agent import (
     QueueReader,
@@ -47,7 +47,7 @@ ALERTS = ROOT / "grafana" / "alerts.yml"
 JOB, CONSOLE_JOB = "virt-relay-agent", "virt-relay-console"
 METRIC = re.compile(r"\b(virtrelay_[a-z0-9_]+|up)\b")
 N_LIVE, M_PARTITION, M_BROKER_DOWN, K_DUPLICATES = 10, 6, 4, 3
-# Labelled console counters that relay/console_metrics.py does not create at zero, and that the
+# Labelled console counters that relay/console/metrics.py does not create at zero, and that the
 # scripted run has no reason to increment: Prometheus has no series of them. The family must
 # still be declared on /metrics; a panel naming only these may come back empty.
 NOT_OBSERVED = {"virtrelay_console_stale_total", "virtrelay_console_resyncs_total"}

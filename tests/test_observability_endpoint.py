@@ -13,9 +13,9 @@ import pytest
 
 from journal import Journal
 from relay.agent import Agent
+from relay.agent.metrics import AgentMetrics
 from relay.changes import RECONCILED
-from relay.http import StatusServer
-from relay.metrics import AgentMetrics
+from relay.status import StatusServer
 from tests.support import wait_until
 from tests.support.agent import agent_config, running_agent
 from tests.support.libvirt_side import Scratch, running_adapter
@@ -77,8 +77,8 @@ def test_the_agent_exports_what_its_journal_and_libvirt_adapter_count(tmp_path, 
         names = {name for name, _ in scrape(agent.status.port)}
         wired = {"virtrelay_agent_info", "virtrelay_reconcile_differences_total"}
         assert wired <= names, (
-            "relay/agent.py must call `self.metrics.watch(self.journal, self.libvirt)` once both "
-            "exist (docs/metrics.md); missing: " + ", ".join(sorted(wired - names)))
+            "relay/agent/agent.py must call `self.metrics.watch(self.journal, self.libvirt)` once "
+            "both exist (docs/metrics.md); missing: " + ", ".join(sorted(wired - names)))
         assert sample(scrape(agent.status.port), "virtrelay_reconcile_differences_total",
                       event="added") == agent.journal.last_seq > 0
 

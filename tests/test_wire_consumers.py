@@ -9,8 +9,9 @@ import pika
 from proton import int32
 
 from journal import OutboxEntry
-from relay import amqp_codec, wire
-from relay.rabbitmq_admin import RabbitAdmin, connection_parameters
+from relay import wire
+from relay.broker import codec as amqp_codec
+from relay.broker.admin import RabbitAdmin, connection_parameters
 from tests.support import wait_until
 from tests.support.agent import agent_config, running_agent, unique
 

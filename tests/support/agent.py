@@ -14,12 +14,12 @@ from proton import Message
 from proton.utils import BlockingConnection
 
 from chaos.processes import AgentProcess  # noqa: F401 (tests import it from here)
-from relay import config as config_module
 from relay import wire
 from relay.agent import Agent
-from relay.config import AgentConfig
-from relay.rabbitmq_admin import RabbitAdmin
-from relay.topology import Addresses, declare_console
+from relay.agent import config as config_module
+from relay.agent.config import AgentConfig
+from relay.broker.admin import RabbitAdmin
+from relay.broker.topology import Addresses, declare_console
 from tests.support import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ from proton import Message, Terminus
 from proton.reactor import LinkOption
 from proton.utils import BlockingConnection
 
-from relay.rabbitmq_node import NodePorts, RabbitNode
+from relay.broker.node import NodePorts, RabbitNode
 
 
 @contextlib.contextmanager

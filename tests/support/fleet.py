@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from journal import UNCONFIRMED, Journal
+from relay.broker.admin import RabbitAdmin
+from relay.broker.node import free_ports
+from relay.broker.topology import Addresses, declare_replies
 from relay.console import Console
-from relay.rabbitmq_admin import RabbitAdmin
-from relay.rabbitmq_node import free_ports
-from relay.topology import Addresses, declare_replies
 from tests.support import wait_until
 from tests.support.agent import ROOT, AgentProcess, send_command, unique
 
@@ -172,7 +172,7 @@ class ConsoleProcess:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         with open(self.out, "ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "relay.cli", "fleet", "--watch", "--json", "--url",
+                [sys.executable, "-m", "relay.app.cli", "fleet", "--watch", "--json", "--url",
                  self.url, "--console-id", self.console_id, "--state-dir", str(self.state_dir),
                  "--log-level", "INFO"], env=env, stdout=out, stderr=subprocess.STDOUT,
                 cwd=ROOT)

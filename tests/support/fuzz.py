@@ -21,7 +21,7 @@ from proton import ConnectionException, Message
 from proton.utils import BlockingConnection
 
 from relay import limits, wire
-from relay.rabbitmq_admin import RabbitAdmin
+from relay.broker.admin import RabbitAdmin
 from tests.support import wait_until
 
 OPERATIONS = ["domain.dumpxml", "network.dumpxml", "domain.suspend", "node.explode"]

@@ -27,9 +27,9 @@ from proton.reactor import Container
 
 from chaos.processes import AgentProcess
 from relay import wire
-from relay.rabbitmq_admin import RabbitAdmin
-from relay.rabbitmq_node import free_ports
-from relay.topology import (
+from relay.broker.admin import RabbitAdmin
+from relay.broker.node import free_ports
+from relay.broker.topology import (
     Addresses,
     dead_letter_policy,
     declare_console,
@@ -201,7 +201,7 @@ def _bursts(url: str, agent: AgentProcess, port: int, count: int, bursts: int, c
         - report[f"burst{bursts - 1}"]["memory_kib"]["VmHWM"])
     probe.check_settled_once(timeout=120)
     report["still_serves"] = _answers(url, commands, Addresses().replies_for(CHECK))
-    verify = subprocess.run([sys.executable, "-m", "relay.cli", "journal", "verify",
+    verify = subprocess.run([sys.executable, "-m", "relay.app.cli", "journal", "verify",
                              str(state / "journal.db")], capture_output=True, text=True,
                             timeout=120)
     report["journal_verify"] = verify.stdout.strip() or verify.stderr.strip()

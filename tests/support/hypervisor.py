@@ -23,7 +23,7 @@ from pathlib import Path
 
 from chaos.libvirtd import SystemLibvirtd
 from relay.console import Console
-from relay.fleet import Notice
+from relay.console.fleet import Notice
 from tests.support import wait_until
 from tests.support.fleet import AgentHost
 from tests.support.status import scrape

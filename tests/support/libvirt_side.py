@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import libvirt
 
 from relay.changes import Change, ObjectKey
-from relay.libvirt_adapter import LibvirtAdapter
-from relay.objects import DOMAIN, NETWORK, STORAGE_POOL
+from relay.libvirt.adapter import LibvirtAdapter
+from relay.libvirt.objects import DOMAIN, NETWORK, STORAGE_POOL
 from tests.support import wait_until
 from tests.support.memory_sink import MemorySink
 

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 from journal import Entry, OutboxEntry
 from relay import wire
+from relay.broker.topology import Addresses
 from relay.changes import Change
-from relay.topology import Addresses
 
 
 def simulated_events(host: str, count: int, domains: int = 10) -> Iterator[wire.Outgoing]:

@@ -9,11 +9,11 @@ import ssl
 import threading
 import time
 
-from relay.config import AgentConfig
+from relay.agent.config import AgentConfig
+from relay.agent.metrics import AgentMetrics
+from relay.broker.admin import RabbitAdmin
+from relay.broker.topology import Addresses, declare_host, verify_host
 from relay.errors import AddressUnroutable, BrokerError
-from relay.metrics import AgentMetrics
-from relay.rabbitmq_admin import RabbitAdmin
-from relay.topology import Addresses, declare_host, verify_host
 
 log = logging.getLogger(__name__)
 _TRIES = 3  # checks of a reply address that fail before its replies are undeliverable

@@ -30,13 +30,13 @@ from journal import (
 )
 from journal.schema import FINAL_STATES
 from relay import limits, wire
-from relay.amqp_link import CommandDelivery
+from relay.agent.link import CommandDelivery
+from relay.agent.metrics import AgentMetrics
 from relay.errors import LibvirtError, RelayError
 from relay.faults import crash_point
 from relay.lanes import Lanes
-from relay.libvirt_errors import libvirt_calls
-from relay.metrics import AgentMetrics
-from relay.operations import OPERATIONS, Operation, lookup, resolve
+from relay.libvirt.errors import libvirt_calls
+from relay.libvirt.operations import OPERATIONS, Operation, lookup, resolve
 from relay.supervision import Supervisor
 
 log = logging.getLogger(__name__)

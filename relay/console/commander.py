@@ -24,9 +24,12 @@ from typing import Any
 from proton import Message
 
 from relay import wire
-from relay.amqp_codec import ReceivedMessage
-from relay.console_link import ConsoleLink, Consumer, Token
-from relay.console_metrics import ConsoleMetrics
+from relay.broker.admin import RabbitAdmin, admin_ssl_context
+from relay.broker.codec import ReceivedMessage
+from relay.broker.connection import BrokerSettings
+from relay.broker.topology import Addresses, declare_replies
+from relay.console.link import ConsoleLink, Consumer, Token
+from relay.console.metrics import ConsoleMetrics
 from relay.errors import (
     AddressUnroutable,
     BrokerError,
@@ -35,10 +38,7 @@ from relay.errors import (
     ConsoleError,
     OutcomeUnknown,
 )
-from relay.operations import resolve
-from relay.proton_link import BrokerSettings
-from relay.rabbitmq_admin import RabbitAdmin, admin_ssl_context
-from relay.topology import Addresses, declare_replies
+from relay.libvirt.operations import resolve
 
 log = logging.getLogger(__name__)
 

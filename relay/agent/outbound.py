@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from journal import Journal, OutboxEntry
 from relay import wire
-from relay.metrics import AgentMetrics
+from relay.agent.metrics import AgentMetrics
 
 _PAGE = 256
 _MARK_BATCH = 1000  # accepted marks per journal commit while busy

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from relay.console import Console
-from relay.fleet import (
+from relay.console.fleet import (
     NOTICE_EPOCH,
     NOTICE_GAP,
     NOTICE_RESYNC,

@@ -15,7 +15,7 @@ from typing import Any
 import libvirt
 
 from relay.errors import LibvirtNotSupported, LibvirtPermanent
-from relay.libvirt_errors import libvirt_calls
+from relay.libvirt.errors import libvirt_calls
 
 log = logging.getLogger(__name__)
 

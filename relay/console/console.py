@@ -1,7 +1,7 @@
 """The console: one broker connection that sees and controls the whole fleet (docs/console.md).
 
 ``Console`` declares its own durable queues (its event queue is bound to every host's events),
-consumes them with manual settlement, applies every event to a fleet model (``relay.fleet``)
+consumes them with manual settlement, applies every event to a fleet model (``relay.console.fleet``)
 and commits the model and its deduplication marks to its own journal before it accepts the
 deliveries concerned: a restart neither loses nor applies a change twice. It asks hosts for a
 resync when it detects a gap, a gap marker or a new epoch. ``call`` sends commands and waits
@@ -31,14 +31,12 @@ from typing import IO, Any
 
 from journal import Journal, JournalError
 from relay import wire
-from relay.amqp_codec import ReceivedMessage
+from relay.broker.codec import ReceivedMessage
+from relay.broker.connection import Backoff, BrokerSettings, LinkHealthCollector
+from relay.broker.topology import Addresses, declare_console
 from relay.changes import STATS
-from relay.commander import Commander
-from relay.console_link import ConsoleLink, Consumer, Token
-from relay.console_metrics import PREFIX as METRICS_PREFIX
-from relay.console_metrics import ConsoleMetrics
-from relay.errors import ConsoleBusy, ConsoleError, RelayError
-from relay.fleet import (
+from relay.console.commander import Commander
+from relay.console.fleet import (
     APPLIED,
     DUPLICATE,
     IGNORED,
@@ -55,10 +53,12 @@ from relay.fleet import (
     Notice,
     ObjectSnapshot,
 )
-from relay.http import StatusServer
-from relay.proton_link import Backoff, BrokerSettings, LinkHealthCollector
+from relay.console.link import ConsoleLink, Consumer, Token
+from relay.console.metrics import PREFIX as METRICS_PREFIX
+from relay.console.metrics import ConsoleMetrics
+from relay.errors import ConsoleBusy, ConsoleError, RelayError
+from relay.status import StatusServer
 from relay.supervision import EXIT, Supervisor
-from relay.topology import Addresses, declare_console
 
 log = logging.getLogger(__name__)
 

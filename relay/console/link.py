@@ -16,8 +16,8 @@ from typing import Any
 
 from proton import Delivery, Handler, Message
 
-from relay.amqp_codec import ReceivedMessage, decode
-from relay.proton_link import BrokerSettings, ProtonLink
+from relay.broker.codec import ReceivedMessage, decode
+from relay.broker.connection import BrokerSettings, ProtonLink
 from relay.supervision import Supervisor
 
 log = logging.getLogger(__name__)

@@ -16,10 +16,11 @@ from typing import Any
 
 from proton import Condition, Delivery
 
-from relay import amqp_codec, wire
-from relay.metrics import AgentMetrics
-from relay.outbound import OutboundStream
-from relay.proton_link import BrokerSettings, ProtonLink
+from relay import wire
+from relay.agent.metrics import AgentMetrics
+from relay.agent.outbound import OutboundStream
+from relay.broker import codec as amqp_codec
+from relay.broker.connection import BrokerSettings, ProtonLink
 from relay.supervision import Supervisor
 
 log = logging.getLogger(__name__)

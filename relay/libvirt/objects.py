@@ -2,9 +2,9 @@
 
 Each class is a frozen dataclass whose fields are the object's *state*: properties that change
 only when something happens to the object. Volatile counters (CPU time, byte counters, CPU
-frequency, a volume's allocation) are statistics, sampled by ``relay.stats`` and never part of
-the state, so that an unchanged host diffs to nothing. A state is published as the plain dict
-``dataclasses.asdict(...)``; the schema is versioned by ``OBJECT_SCHEMA_VERSION``.
+frequency, a volume's allocation) are statistics, sampled by ``relay.libvirt.stats`` and never
+part of the state, so that an unchanged host diffs to nothing. A state is published as the plain
+dict ``dataclasses.asdict(...)``; the schema is versioned by ``OBJECT_SCHEMA_VERSION``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import libvirt
 
 from relay.changes import ObjectKey
 from relay.errors import LibvirtError, LibvirtNotSupported, LibvirtPermanent
-from relay.libvirt_errors import is_missing, libvirt_calls
+from relay.libvirt.errors import is_missing, libvirt_calls
 
 log = logging.getLogger(__name__)
 

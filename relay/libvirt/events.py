@@ -21,8 +21,8 @@ import libvirt
 
 from relay.changes import ObjectKey
 from relay.errors import LibvirtError, LibvirtTransient
-from relay.libvirt_errors import libvirt_calls
-from relay.objects import (
+from relay.libvirt.errors import libvirt_calls
+from relay.libvirt.objects import (
     DOMAIN,
     NETWORK,
     NODE_DEVICE,

@@ -12,11 +12,11 @@ import threading
 from pathlib import Path
 from typing import TextIO
 
-from relay import config as config_module
 from relay.agent import Agent
+from relay.agent import config as config_module
+from relay.broker.node import NodePorts, RabbitNode
 from relay.console import Console
-from relay.console_view import WATCHED_KINDS, fleet_text, notice_text, watch
-from relay.rabbitmq_node import NodePorts, RabbitNode
+from relay.console.view import WATCHED_KINDS, fleet_text, notice_text, watch
 
 HOST_ID = "demo-host"
 CONSOLE_ID = "demo"

@@ -25,7 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from relay import __version__
-from relay.operations import OPERATIONS
+from relay.libvirt.operations import OPERATIONS
 
 PREFIX = "virtrelay_"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
@@ -145,7 +145,7 @@ class AgentMetrics:
     def watch(self, journal: Any, libvirt: Any) -> None:
         """Export what the journal and the libvirt adapter count themselves.
 
-        Call once, with the agent's ``journal.Journal`` and ``relay.libvirt_adapter.
+        Call once, with the agent's ``journal.Journal`` and ``relay.libvirt.adapter.
         LibvirtAdapter``: adds the drop-oldest and coalesced counts kept by the journal (only
         what happens from now on), ``virtrelay_agent_info`` (host id, journal epoch, version)
         and ``virtrelay_reconcile_differences_total`` by event.

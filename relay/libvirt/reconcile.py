@@ -18,8 +18,8 @@ import libvirt
 from relay.changes import LIVE, RECONCILED, STATS, Change, ChangeSink, ObjectKey, PublishedStates
 from relay.errors import LibvirtError, LibvirtPermanent, LibvirtTransient
 from relay.lanes import Lanes
-from relay.libvirt_errors import is_missing, libvirt_calls
-from relay.objects import (
+from relay.libvirt.errors import is_missing, libvirt_calls
+from relay.libvirt.objects import (
     OBJECT_CLASSES,
     STORAGE_POOL,
     STORAGE_VOLUME,

@@ -16,8 +16,8 @@ from urllib.parse import unquote, urlsplit
 import pika
 import pika.exceptions
 
+from relay.broker.connection import BrokerSettings
 from relay.errors import AddressUnroutable, BrokerError
-from relay.proton_link import BrokerSettings
 from relay.wire import PROBE_MESSAGE_ID
 
 

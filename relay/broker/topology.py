@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from relay.broker.admin import RabbitAdmin, parse_address
 from relay.errors import AddressUnroutable
-from relay.rabbitmq_admin import RabbitAdmin, parse_address
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,19 @@ import libvirt
 from relay.changes import RECONCILED, Change, ChangeSink, ObjectKey, PublishedStates
 from relay.errors import LibvirtError, LibvirtNotSupported, LibvirtPermanent, LibvirtTransient
 from relay.lanes import Lanes
-from relay.libvirt_errors import libvirt_calls
-from relay.libvirt_events import deregister, register_events
-from relay.libvirt_loop import ensure_event_loop
-from relay.objects import DOMAIN, NODE, STORAGE_VOLUME, active_pool_volumes, key_of, node_uuid
-from relay.reconcile import ObjectSync, Publisher
-from relay.stats import StatsReader
+from relay.libvirt.errors import libvirt_calls
+from relay.libvirt.events import deregister, register_events
+from relay.libvirt.loop import ensure_event_loop
+from relay.libvirt.objects import (
+    DOMAIN,
+    NODE,
+    STORAGE_VOLUME,
+    active_pool_volumes,
+    key_of,
+    node_uuid,
+)
+from relay.libvirt.reconcile import ObjectSync, Publisher
+from relay.libvirt.stats import StatsReader
 from relay.supervision import Supervisor
 
 log = logging.getLogger(__name__)

@@ -93,8 +93,8 @@ def _agent(args) -> int:
     import signal
     import threading
 
-    from relay import config as config_module
     from relay.agent import Agent
+    from relay.agent import config as config_module
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -166,7 +166,7 @@ _PORT_NAMES = {"dist": "Erlang distribution", "epmd": "epmd (Erlang port mapper)
 def _broker(args) -> int:
     import dataclasses
 
-    from relay.rabbitmq_node import NodePorts, RabbitNode
+    from relay.broker.node import NodePorts, RabbitNode
 
     given = {name: getattr(args, option, None) for name, option in (
         ("amqp", "port"), ("dist", "dist_port"), ("epmd", "epmd_port"),
@@ -253,8 +253,8 @@ def _tail(journal, count: int, follow: bool) -> None:
 
 
 def _broker_setup(args) -> int:
-    from relay.rabbitmq_admin import RabbitAdmin
-    from relay.topology import (
+    from relay.broker.admin import RabbitAdmin
+    from relay.broker.topology import (
         Addresses,
         dead_letter_policy,
         declare_console,
@@ -321,7 +321,7 @@ def _add_console_commands(commands) -> None:
                         help="seconds to catch up before showing (default 10)")
     events.set_defaults(handler=_events)
 
-    from relay.operations import OPERATIONS
+    from relay.libvirt.operations import OPERATIONS
 
     call = commands.add_parser(
         "call", parents=[common], help="run a libvirt operation on a host",
@@ -375,7 +375,7 @@ def _console_id(args) -> str:
 def _console_setup(args):
     import logging
 
-    from relay.config import read_secret
+    from relay.agent.config import read_secret
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -399,7 +399,7 @@ def _open_console(args, catch_up: bool = True):
 
 
 def _fleet(args) -> int:
-    from relay import console_view
+    from relay.console import view as console_view
 
     console = _open_console(args, catch_up=not args.watch)
     try:
@@ -419,7 +419,7 @@ def _fleet(args) -> int:
 
 
 def _events(args) -> int:
-    from relay import console_view
+    from relay.console import view as console_view
 
     console = _open_console(args)
     try:
@@ -443,8 +443,8 @@ def _events(args) -> int:
 
 
 def _call(args) -> int:
-    from relay.commander import CommandClient
-    from relay.console import hold_lock
+    from relay.console.commander import CommandClient
+    from relay.console.console import hold_lock
     from relay.errors import CommandRejected, CommandTimeout, OutcomeUnknown
 
     urls, console_id, secret = _console_setup(args)
@@ -492,7 +492,7 @@ def _report_failure(args, exc, text: str) -> None:
 
 
 def _demo(args) -> int:
-    from relay.demo import run
+    from relay.app.demo import run
 
     return run(args.state_dir, args.port, _stop_on_signals())
 

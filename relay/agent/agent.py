@@ -9,21 +9,22 @@ import threading
 from typing import Any
 
 from journal import Backpressure, Journal, JournalError, JournalFull
-from relay import libvirt_loop, wire
-from relay.amqp_link import BrokerLink
+from relay import wire
+from relay.agent.commands import CommandProcessor
+from relay.agent.config import AgentConfig, read_secret
+from relay.agent.link import BrokerLink
+from relay.agent.metrics import PREFIX, AgentMetrics, count_from
+from relay.agent.outbound import OutboundStream
+from relay.agent.topology_guard import TopologyGuard
+from relay.broker.admin import admin_ssl_context
+from relay.broker.connection import BrokerSettings, LinkHealthCollector
+from relay.broker.topology import Addresses
 from relay.changes import Change, ObjectKey
-from relay.commands import CommandProcessor
-from relay.config import AgentConfig, read_secret
 from relay.errors import LibvirtTransient
-from relay.http import StatusServer
-from relay.libvirt_adapter import LibvirtAdapter
-from relay.metrics import PREFIX, AgentMetrics, count_from
-from relay.outbound import OutboundStream
-from relay.proton_link import BrokerSettings, LinkHealthCollector
-from relay.rabbitmq_admin import admin_ssl_context
+from relay.libvirt import loop as libvirt_loop
+from relay.libvirt.adapter import LibvirtAdapter
+from relay.status import StatusServer
 from relay.supervision import EXIT, Supervisor
-from relay.topology import Addresses
-from relay.topology_guard import TopologyGuard
 
 log = logging.getLogger(__name__)
 _REFRESH_TIMEOUT = 120.0  # seconds a node.refresh waits for its reconcile pass

@@ -19,8 +19,15 @@ from typing import Any
 import libvirt
 
 from relay.errors import LibvirtError
-from relay.libvirt_errors import is_missing, libvirt_calls
-from relay.objects import DOMAIN, NETWORK, NODE, OBJECT_CLASSES, STORAGE_POOL, STORAGE_VOLUME
+from relay.libvirt.errors import is_missing, libvirt_calls
+from relay.libvirt.objects import (
+    DOMAIN,
+    NETWORK,
+    NODE,
+    OBJECT_CLASSES,
+    STORAGE_POOL,
+    STORAGE_VOLUME,
+)
 from relay.wire import InvalidCommand
 
 Effect = Callable[[libvirt.virConnect, Any, dict[str, Any]], bool | None]
