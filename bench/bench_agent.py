@@ -21,7 +21,7 @@ from proton.reactor import Container
 from bench import Result, benchmark
 from bench.bench_journal import BODY
 from journal import Entry, Journal
-from relay import wire
+from relay.agent import entries
 from relay.broker.admin import RabbitAdmin
 from relay.broker.node import NodePorts, RabbitNode, free_ports
 from relay.broker.topology import Addresses, declare_console
@@ -61,7 +61,7 @@ def raw_send_rate(url: str, address: str, journal_path: Path) -> float:
             Message(id=out.message_id, durable=True, subject=out.subject, body=out.body,
                     content_type=out.content_type, properties=out.properties,
                     creation_time=out.created_at, inferred=True)
-            for out in (wire.outgoing(entry, journal.host_id, journal.epoch, entry.stream_seq)
+            for out in (entries.outgoing(entry, journal.host_id, journal.epoch, entry.stream_seq)
                         for entry in journal.pending())]
     sender = _RawSender(url, address, messages)
     started = time.perf_counter()

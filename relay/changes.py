@@ -1,6 +1,7 @@
-"""What the libvirt side hands to the rest of the agent: one ``Change`` per observed difference.
+"""The libvirt wing's contract: the object classes, and one ``Change`` per observed difference.
 
-The libvirt side knows nothing about the journal or AMQP. It submits changes to a ``ChangeSink``
+Naming a class needs no libvirt: consoles and the operations catalog use these names too. The
+libvirt side knows nothing about the journal or AMQP. It submits changes to a ``ChangeSink``
 (the agent's journal writer) and, to reconcile without a storm, reads what was last published
 through ``PublishedStates``.
 """
@@ -17,6 +18,14 @@ RECONCILED = "reconciled"  # found by comparing libvirt with the last published 
 STATS = "stats"  # periodic statistics sample (coalescable)
 
 ObjectKey = tuple[str, str]  # (object class, object id within the host)
+
+# Object classes (docs/objects.md).
+NODE = "node"
+DOMAIN = "domain"
+NETWORK = "network"
+STORAGE_POOL = "storage_pool"
+STORAGE_VOLUME = "storage_volume"
+NODE_DEVICE = "node_device"
 
 
 @dataclass(frozen=True)

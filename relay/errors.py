@@ -100,3 +100,12 @@ class CommandRejected(CommandError):
 class OutcomeUnknown(CommandError):
     """The host stopped during the command and cannot tell whether it took effect: check the
     object before trying again."""
+
+
+class InvalidCommand(RelayError):
+    """A command that cannot be executed; ``reason`` goes back to the sender."""
+
+    def __init__(self, reason: str, code: str = "invalid-command"):
+        self.reason = reason
+        self.code = code
+        super().__init__(reason)

@@ -11,7 +11,7 @@ import fnmatch
 import json
 from typing import Any
 
-from relay.errors import RelayError
+from relay.errors import InvalidCommand
 
 MAX_COMMAND_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 32  # a command's deepest legitimate value (args) is 3 or 4 levels down
@@ -21,15 +21,6 @@ MAX_TEXT_CHARS = {"operation": 100, "correlation_id": 255, "target": 4096}
 # RabbitMQ 3.x AMQP 1.0 target addresses: (prefix, index of the first name, "/"-part counts).
 _ADDRESS_FORMS = (("/queue/", 2, (3,)), ("/amq/queue/", 3, (4,)), ("/exchange/", 2, (3, 4)),
                   ("/topic/", 2, (3,)))
-
-
-class InvalidCommand(RelayError):
-    """A command that cannot be executed; ``reason`` goes back to the sender."""
-
-    def __init__(self, reason: str, code: str = "invalid-command"):
-        self.reason = reason
-        self.code = code
-        super().__init__(reason)
 
 
 def body_bytes(body: Any) -> bytes:

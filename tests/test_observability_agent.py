@@ -26,10 +26,10 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from chaos.proxy import FaultProxy
+from relay.catalog import OPERATIONS
 from relay.console import Console
 from relay.libvirt.loop import ensure_event_loop
 from relay.libvirt.objects import list_keys
-from relay.libvirt.operations import OPERATIONS
 from tests.support import wait_until
 from tests.support.agent import (
     QueueReader,

@@ -10,6 +10,7 @@ from proton import int32
 
 from journal import OutboxEntry
 from relay import wire
+from relay.agent import entries
 from relay.broker import codec as amqp_codec
 from relay.broker.admin import RabbitAdmin, connection_parameters
 from tests.support import wait_until
@@ -57,7 +58,7 @@ def test_samples_carry_no_stream_seq_and_schema_is_an_int():
                          subject="domain", properties={"kind": wire.EVENT}, body=b"{}",
                          created_at=1.0, attempts=0, object_key=("domain", "d"),
                          coalesce_key="stats:d", replaces=None, stream_seq=None)
-    properties = wire.outgoing(sample, "h", "e", settled_below=3).properties
+    properties = entries.outgoing(sample, "h", "e", settled_below=3).properties
     assert "stream_seq" not in properties
     assert type(properties["schema"]) is int32 and properties["schema"] == 1
 

@@ -9,10 +9,10 @@ import threading
 from typing import Any
 
 from journal import Backpressure, Journal, JournalError, JournalFull
-from relay import wire
+from relay.agent import entries
 from relay.agent.commands import CommandProcessor
 from relay.agent.config import AgentConfig, read_secret
-from relay.agent.link import BrokerLink
+from relay.agent.link import AgentLink
 from relay.agent.metrics import PREFIX, AgentMetrics, count_from
 from relay.agent.outbound import OutboundStream
 from relay.agent.topology_guard import TopologyGuard
@@ -48,7 +48,7 @@ class JournalSink:
 
     def submit(self, change: Change) -> None:
         """Journal ``change`` (in submission order); never blocks on fsync."""
-        handle = self.journal.append_async([wire.event_entry(change, self.address)])
+        handle = self.journal.append_async([entries.event_entry(change, self.address)])
         handle.add_done_callback(lambda done: self._done(change, done))
 
     def _done(self, change: Change, handle) -> None:
@@ -127,7 +127,7 @@ class Agent:
                                       on_verdict=self._wake_link,
                                       credentials=(self.settings.user, self.settings.password
                                                    or "") if self.settings.user else None)
-        self.link = BrokerLink(self.settings, self.stream,
+        self.link = AgentLink(self.settings, self.stream,
                                self.addresses.commands_for(config.host_id),
                                self.commands.on_delivery, self.metrics,
                                address_check=self.topology.check,

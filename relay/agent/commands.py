@@ -3,7 +3,7 @@
 A command delivery is committed to the journal's inbox before it is accepted. A new command runs
 on a bounded pool of workers, one at a time per target object in arrival order; a duplicate gets
 the stored reply and runs nothing. ``mark_executing`` is durable before the libvirt call, so after
-a crash a command left ``executing`` is checked against libvirt (``Operation.effect``): done,
+a crash a command left ``executing`` is checked against libvirt (its ``Runner.effect``): done,
 re-run only when provably not done, otherwise reported as outcome unknown.
 """
 
@@ -30,13 +30,15 @@ from journal import (
 )
 from journal.schema import FINAL_STATES
 from relay import limits, wire
+from relay.agent import entries
 from relay.agent.link import CommandDelivery
 from relay.agent.metrics import AgentMetrics
-from relay.errors import LibvirtError, RelayError
+from relay.catalog import OPERATIONS, Operation, resolve
+from relay.errors import InvalidCommand, LibvirtError, RelayError
 from relay.faults import crash_point
 from relay.lanes import Lanes
 from relay.libvirt.errors import libvirt_calls
-from relay.libvirt.operations import OPERATIONS, Operation, lookup, resolve
+from relay.libvirt.operations import RUNNERS, lookup
 from relay.supervision import Supervisor
 
 log = logging.getLogger(__name__)
@@ -98,8 +100,8 @@ class CommandProcessor:
             operation = resolve(command["operation"], self.allowed)
             operation.check_args(command["args"])
             if operation.needs_target and not command.get("target"):
-                raise wire.InvalidCommand(f"{operation.name} needs a target", "bad-target")
-        except wire.InvalidCommand as invalid:
+                raise InvalidCommand(f"{operation.name} needs a target", "bad-target")
+        except InvalidCommand as invalid:
             refusal = invalid  # `invalid` is unbound when the except block ends
             self.lanes.submit("invalid", lambda: self._refuse(delivery, refusal))
             return
@@ -119,7 +121,7 @@ class CommandProcessor:
             release.start()
             return
         if error is not None:
-            self.lanes.submit("invalid", lambda: self._refuse(delivery, wire.InvalidCommand(
+            self.lanes.submit("invalid", lambda: self._refuse(delivery, InvalidCommand(
                 f"the agent could not record this command: {error}", "internal-error")))
             return
         received = handle.wait()
@@ -140,14 +142,14 @@ class CommandProcessor:
         if reply is not None:
             self.journal.append_async([reply]).add_done_callback(lambda _: self.wake())
 
-    def _refuse(self, delivery: CommandDelivery, invalid: wire.InvalidCommand) -> None:
+    def _refuse(self, delivery: CommandDelivery, invalid: InvalidCommand) -> None:
         """Count it, reply with the reason when the command names a usable address, record it
         under its key when it has one, and reject the delivery (a terminal outcome)."""
         self.metrics.commands_rejected.labels(invalid.code).inc()
         command = _best_effort_envelope(delivery, self.replies)
         key = command["key"]
         self._refusals.log(invalid.code, f"refused command {key!r}: {invalid.reason}")
-        reply = wire.reply_entry(command, wire.ERROR, error=invalid.reason, code=invalid.code)
+        reply = entries.reply_entry(command, wire.ERROR, error=invalid.reason, code=invalid.code)
         trusted_key = key is not None and invalid.code not in _UNTRUSTED
         try:
             if trusted_key and self.journal.receive(key, command).is_new:
@@ -177,22 +179,22 @@ class CommandProcessor:
             with libvirt_calls():
                 target = lookup(conn, operation.target_class, command.get("target"))
             if operation.needs_target and target is None:
-                raise wire.InvalidCommand(f"no {operation.target_class} "
+                raise InvalidCommand(f"no {operation.target_class} "
                                           f"{command.get('target')!r} on this host", "no-object")
             if recovering:
                 if self._settle_after_crash(key, command, operation, conn, target):
                     return
             else:
                 if deadline is not None and deadline < time.time():
-                    raise wire.InvalidCommand("deadline expired while queued", "expired")
+                    raise InvalidCommand("deadline expired while queued", "expired")
                 self.journal.mark_executing(key)
             with libvirt_calls():
-                result = operation.run(conn, target, command["args"])
+                result = RUNNERS[operation.name].run(conn, target, command["args"])
             crash_point("command.after-effect")
             if operation.name == "node.refresh":
                 result = self.on_refresh(bool(command["args"].get("full", False)))
             self._finish(key, command, DONE, wire.OK, result=result)
-        except wire.InvalidCommand as invalid:
+        except InvalidCommand as invalid:
             self._finish(key, command, FAILED, wire.ERROR, error=invalid.reason,
                          code=invalid.code)
         except LibvirtError as error:
@@ -210,7 +212,7 @@ class CommandProcessor:
                             conn, target) -> bool:
         """Decide a command left ``executing`` by a crash; True when that settled it."""
         with libvirt_calls():
-            done = operation.effect(conn, target, command["args"])
+            done = RUNNERS[operation.name].effect(conn, target, command["args"])
         if done is True:
             log.info("command %s (%s) had taken effect before the restart", key, operation.name)
             self._finish(key, command, DONE, wire.OK, result={"reconciled": True})
@@ -230,7 +232,7 @@ class CommandProcessor:
 
     def _finish(self, key: str, command: dict[str, Any], state: str, status: str,
                 result: Any = None, error: str | None = None, code: str | None = None) -> None:
-        reply = wire.reply_entry(command, status, result=result, error=error, code=code)
+        reply = entries.reply_entry(command, status, result=result, error=error, code=code)
         try:
             self.journal.record_result(key, state, {"status": status, "result": result,
                                                     "error": error}, reply)
@@ -274,7 +276,7 @@ def _best_effort_envelope(delivery: CommandDelivery, replies: list[str]) -> dict
     error reply (no reply when it names no usable address)."""
     try:
         command = limits.json_object(limits.body_bytes(delivery.body), checked=False)
-    except wire.InvalidCommand:
+    except InvalidCommand:
         command = {}
     text = {name: limits.text_or_none(command.get(name), size)
             for name, size in limits.MAX_TEXT_CHARS.items()}

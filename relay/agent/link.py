@@ -1,10 +1,10 @@
-"""The agent's AMQP 1.0 link to the broker (a ``ProtonLink``).
+"""The agent's AMQP 1.0 link to the broker (a ``BrokerConnection``).
 
 Outbound, it streams what ``OutboundStream`` chooses, many unsettled deliveries in flight, and
 reports each outcome back (``accepted`` / ``rejected`` / ``released``; it never sends
 ``modified``). Inbound, it consumes the host's command queue with manual settlement: a command is
 accepted only when the agent says so, after the inbox committed it. Connecting, failover,
-backoff and error reporting are ``ProtonLink``'s.
+backoff and error reporting are ``BrokerConnection``'s.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from typing import Any
 
 from proton import Condition, Delivery
 
-from relay import wire
+from relay.agent import entries
 from relay.agent.metrics import AgentMetrics
 from relay.agent.outbound import OutboundStream
 from relay.broker import codec as amqp_codec
-from relay.broker.connection import BrokerSettings, ProtonLink
+from relay.broker.connection import BrokerConnection, BrokerSettings
+from relay.errors import InvalidCommand
 from relay.supervision import Supervisor
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class CommandDelivery:
 AddressCheck = Callable[[str], bool | None]  # True routable, False not, None not known yet
 
 
-class BrokerLink(ProtonLink):
+class AgentLink(BrokerConnection):
     """The agent's link; other threads use ``wake``, ``settle_command`` and ``call_soon``."""
 
     def __init__(self, settings: BrokerSettings, stream: OutboundStream,
@@ -62,7 +63,7 @@ class BrokerLink(ProtonLink):
         self.on_connected = on_connected
         self._receiver = None
         self._deliveries: dict[Delivery, tuple[int, ...]] = {}
-        self._parked: dict[str, list[wire.Outgoing]] = {}
+        self._parked: dict[str, list[entries.Outgoing]] = {}
         self._pump_timer = None
         self._previous_url: str | None = None
 
@@ -77,7 +78,7 @@ class BrokerLink(ProtonLink):
         self.call_soon(self._pump)
 
     def settle_command(self, delivery: CommandDelivery, accept: bool = True,
-                       refusal: wire.InvalidCommand | None = None) -> None:
+                       refusal: InvalidCommand | None = None) -> None:
         """Accept (or release) a command delivery, or reject it for ``refusal`` (the error
         condition ``virtrelay:<code>`` says why); from any thread."""
         self.call_soon(lambda: self._settle(delivery.token, accept, refusal))
@@ -89,7 +90,7 @@ class BrokerLink(ProtonLink):
         return receiver is not None and self.link_open and bool(
             receiver.state & receiver.REMOTE_ACTIVE)
 
-    # -- ProtonLink hooks -----------------------------------------------------------------------
+    # -- BrokerConnection hooks ---------------------------------------------------------------------
     def started(self) -> None:
         self.schedule(_FLUSH_INTERVAL, self._flush_marks)
 
@@ -145,14 +146,14 @@ class BrokerLink(ProtonLink):
                 message_id=message.id, correlation_id=message.correlation_id,
                 reply_to=message.reply_to, token=delivery))
         except Exception as exc:  # no single message may take the link down
-            refusal = wire.InvalidCommand(f"the agent could not handle this message: {exc!r}",
+            refusal = InvalidCommand(f"the agent could not handle this message: {exc!r}",
                                           "internal-error")
             self.metrics.commands_rejected.labels(refusal.code).inc()
             log.exception("rejecting a command message the agent could not handle")
             self._settle(delivery, False, refusal)
 
     def _settle(self, delivery: Delivery, accept: bool,
-                refusal: wire.InvalidCommand | None = None) -> None:
+                refusal: InvalidCommand | None = None) -> None:
         if delivery.settled or delivery.link.connection != self._connection:
             return  # that connection is gone: the broker will redeliver
         if refusal is not None:
@@ -229,7 +230,7 @@ class BrokerLink(ProtonLink):
                     self.stream.undeliverable(outgoing.seqs,
                                               f"address {address} routes to no queue")
 
-    def _send(self, outgoing: wire.Outgoing) -> None:
+    def _send(self, outgoing: entries.Outgoing) -> None:
         encoded = amqp_codec.encode(
             message_id=outgoing.message_id, subject=outgoing.subject, body=outgoing.body,
             content_type=outgoing.content_type, content_encoding=outgoing.content_encoding,

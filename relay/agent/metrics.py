@@ -25,7 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from relay import __version__
-from relay.libvirt.operations import OPERATIONS
+from relay.catalog import OPERATIONS
 
 PREFIX = "virtrelay_"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
@@ -97,7 +97,7 @@ class AgentMetrics:
                                    "Corrupt journal files moved aside at start.")
         self.disk_full = counter("journal_disk_full_total",
                                  "Changes the journal refused because the disk was full.")
-        # broker link (its health gauges: proton_link.LinkHealthCollector)
+        # broker link (its health gauges: relay.broker.connection.LinkHealthCollector)
         self.broker_reconnects = counter("broker_reconnects_total",
                                          "Broker connections established after the first.")
         self.broker_failovers = counter("broker_failovers_total",

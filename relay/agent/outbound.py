@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 
 from journal import Journal, OutboxEntry
-from relay import wire
+from relay.agent import entries
 from relay.agent.metrics import AgentMetrics
 
 _PAGE = 256
@@ -102,9 +102,9 @@ class OutboundStream:
             self._backlog or self._backlog_read < self.boundary)
 
     # -- choosing what to send ------------------------------------------------------------------
-    def take(self, limit: int) -> list[wire.Outgoing]:
+    def take(self, limit: int) -> list[entries.Outgoing]:
         """Up to ``limit`` messages to send now (fewer when the rate cap or the journal says so)."""
-        out: list[wire.Outgoing] = []
+        out: list[entries.Outgoing] = []
         while len(out) < limit:
             if self._retry:
                 out.append(self._single(self._retry.popleft()))
@@ -149,7 +149,7 @@ class OutboundStream:
             self._backlog_read = rows[-1].seq if rows else self.boundary
             self._backlog.extend(rows)
 
-    def _backlog_message(self) -> wire.Outgoing:
+    def _backlog_message(self) -> entries.Outgoing:
         entries = [self._backlog.popleft()]
         while (len(entries) < self.replay_batch and self._next_backlog() is not None
                and self._backlog[0].address == entries[0].address):
@@ -158,13 +158,13 @@ class OutboundStream:
         self.metrics.replayed.inc(len(entries))
         if len(entries) == 1 and self.replay_batch == 1:
             return self._single(entries[0])
-        message = wire.batch(entries, self.journal.host_id, self.journal.epoch,
+        message = entries.batch(entries, self.journal.host_id, self.journal.epoch,
                              self._settled_below(entries[0].address), self.compress)
         for entry in entries:
             self.in_flight[entry.seq] = entry.created_at
         return message
 
-    def _promote_older(self, entry: OutboxEntry, limit: int) -> list[wire.Outgoing]:
+    def _promote_older(self, entry: OutboxEntry, limit: int) -> list[entries.Outgoing]:
         """Up to ``limit`` of the object's unsent backlog entries, which must leave before
         ``entry`` (oldest first)."""
         if entry.object_key is None or self._backlog_sent >= self.boundary:
@@ -182,9 +182,9 @@ class OutboundStream:
         self._bucket.borrow(len(out))
         return out
 
-    def _single(self, entry: OutboxEntry) -> wire.Outgoing:
+    def _single(self, entry: OutboxEntry) -> entries.Outgoing:
         self.in_flight[entry.seq] = entry.created_at
-        return wire.outgoing(entry, self.journal.host_id, self.journal.epoch,
+        return entries.outgoing(entry, self.journal.host_id, self.journal.epoch,
                              self._settled_below(entry.address))
 
     def _settled_below(self, address: str) -> int:

@@ -321,7 +321,7 @@ def _add_console_commands(commands) -> None:
                         help="seconds to catch up before showing (default 10)")
     events.set_defaults(handler=_events)
 
-    from relay.libvirt.operations import OPERATIONS
+    from relay.catalog import OPERATIONS
 
     call = commands.add_parser(
         "call", parents=[common], help="run a libvirt operation on a host",

@@ -1,6 +1,6 @@
 """One AMQP 1.0 connection kept alive in its own thread (python-qpid-proton).
 
-``ProtonLink`` is what the agent's and the console's links share: the event loop thread and
+``BrokerConnection`` is what the agent's and the console's links share: the event loop thread and
 ``call_soon`` for other threads, connecting with TLS and SASL from ``BrokerSettings``, an open
 timeout, reconnecting with capped jittered exponential backoff across the broker URLs
 (failover), errors turned into a ``last_error`` sentence that names the settings to check, and
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from proton import SASL, SSLDomain, Terminus
 from proton.handlers import MessagingHandler
 from proton.reactor import ApplicationEvent, Container, EventInjector, LinkOption
 
+from relay.backoff import Backoff
 from relay.supervision import RESTART, Supervisor
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class BrokerSettings:
 
     def connect_options(self) -> dict[str, Any]:
         """Keyword arguments of ``Container.connect`` (TLS, SASL, heartbeat; no proton-level
-        reconnect: ``ProtonLink`` does its own, with failover)."""
+        reconnect: ``BrokerConnection`` does its own, with failover)."""
         options: dict[str, Any] = {"reconnect": False, "heartbeat": self.heartbeat}
         domain = self.ssl_domain()
         if domain is not None:
@@ -94,25 +94,6 @@ class BrokerSettings:
         if self.password:
             options["password"] = self.password
         return options
-
-
-class Backoff:
-    """Capped exponential delays with jitter (half to full of the step), reset on success."""
-
-    def __init__(self, minimum: float, maximum: float, rng: random.Random | None = None):
-        self.minimum, self.maximum = minimum, maximum
-        self.attempts = 0
-        self._rng = rng or random.Random()
-
-    def next(self) -> float:
-        """The delay before the next attempt."""
-        step = min(self.maximum, self.minimum * (2 ** self.attempts))
-        self.attempts += 1
-        return step * self._rng.uniform(0.5, 1.0)
-
-    def reset(self) -> None:
-        """The last attempt succeeded."""
-        self.attempts = 0
 
 
 class DurableTarget(LinkOption):
@@ -132,7 +113,7 @@ class TimerCallback:
         self.func()
 
 
-class ProtonLink(MessagingHandler):
+class BrokerConnection(MessagingHandler):
     """A connection that keeps itself open; subclass hooks: ``started``, ``attached``,
     ``opened``, ``detached``. Only the link thread may touch proton objects."""
 
@@ -418,7 +399,7 @@ class LinkHealthCollector:
     open but silent beyond twice the heartbeat is what the "connected but no frames" alert
     watches."""
 
-    def __init__(self, link: ProtonLink, prefix: str):
+    def __init__(self, link: BrokerConnection, prefix: str):
         self.link, self.prefix = link, prefix
 
     def collect(self):

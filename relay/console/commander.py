@@ -28,6 +28,7 @@ from relay.broker.admin import RabbitAdmin, admin_ssl_context
 from relay.broker.codec import ReceivedMessage
 from relay.broker.connection import BrokerSettings
 from relay.broker.topology import Addresses, declare_replies
+from relay.catalog import resolve
 from relay.console.link import ConsoleLink, Consumer, Token
 from relay.console.metrics import ConsoleMetrics
 from relay.errors import (
@@ -36,9 +37,9 @@ from relay.errors import (
     CommandRejected,
     CommandTimeout,
     ConsoleError,
+    InvalidCommand,
     OutcomeUnknown,
 )
-from relay.libvirt.operations import resolve
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class Commander:
         try:
             spec = resolve(operation)
             spec.check_args(args)
-        except wire.InvalidCommand as invalid:
+        except InvalidCommand as invalid:
             raise CommandRejected(invalid.reason, invalid.code, key) from None
         if spec.needs_target and not target:
             raise CommandRejected(f"{operation} needs a target (uuid or name)", "bad-target",

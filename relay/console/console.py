@@ -31,8 +31,9 @@ from typing import IO, Any
 
 from journal import Journal, JournalError
 from relay import wire
+from relay.backoff import Backoff
 from relay.broker.codec import ReceivedMessage
-from relay.broker.connection import Backoff, BrokerSettings, LinkHealthCollector
+from relay.broker.connection import BrokerSettings, LinkHealthCollector
 from relay.broker.topology import Addresses, declare_console
 from relay.changes import STATS
 from relay.console.commander import Commander

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from relay.changes import STATS
+from relay.changes import STATS, ObjectKey
 from relay.wire import EVENT, GAP, OK, WIRE_VERSION, Incoming
 
 # What ``Fleet.apply`` did with a message.
@@ -50,7 +50,6 @@ _KEPT_GAP_MARKERS = 10
 _SWEEP_PATIENCE = 10  # sweep_quiet periods to wait for a host that never quiets down
 _SEP = "\x1f"
 
-ObjectKey = tuple[str, str]
 
 
 @dataclass

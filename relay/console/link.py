@@ -1,9 +1,9 @@
-"""The console's AMQP 1.0 connection (a ``ProtonLink``).
+"""The console's AMQP 1.0 connection (a ``BrokerConnection``).
 
 It consumes queues with manual settlement and explicit credit (a delivery is accepted only when
 the console says so, after its journal committed what the delivery changed) and sends durable
 messages, reporting each outcome. Connecting, failover, backoff and error reporting are
-``ProtonLink``'s; other threads talk to the link through ``call_soon``.
+``BrokerConnection``'s; other threads talk to the link through ``call_soon``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 from proton import Delivery, Handler, Message
 
 from relay.broker.codec import ReceivedMessage, decode
-from relay.broker.connection import BrokerSettings, ProtonLink
+from relay.broker.connection import BrokerConnection, BrokerSettings
 from relay.supervision import Supervisor
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class _Receiving(Handler):
         self.consumer.on_message(message, Token(delivery, self.generation, self.consumer.address))
 
 
-class ConsoleLink(ProtonLink):
+class ConsoleLink(BrokerConnection):
     """One connection, its consumers and senders; ``on_state(connected, error)`` reports
     changes; ``on_tick()`` runs every ``tick`` seconds on the link thread, ``on_idle()`` each
     time it has handled every event at hand (what arrived in one read is one burst)."""
@@ -129,7 +129,7 @@ class ConsoleLink(ProtonLink):
         message.durable = True
         self._outcomes[self.sender(address).send(message)] = on_outcome
 
-    # -- ProtonLink hooks -------------------------------------------------------------------------
+    # -- BrokerConnection hooks ---------------------------------------------------------------------
     def started(self) -> None:
         self.schedule(self.tick, self._ticked)
 

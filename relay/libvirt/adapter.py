@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -19,6 +18,7 @@ from typing import Any
 
 import libvirt
 
+from relay.backoff import Backoff
 from relay.changes import RECONCILED, Change, ChangeSink, ObjectKey, PublishedStates
 from relay.errors import LibvirtError, LibvirtNotSupported, LibvirtPermanent, LibvirtTransient
 from relay.lanes import Lanes
@@ -137,12 +137,10 @@ class LibvirtAdapter:
     # The connection thread.
 
     def _supervise(self) -> None:
-        delay, first = self._backoff[0], True
+        backoff, first = Backoff(*self._backoff), True
         while not self._stopping.is_set():
-            if not first:
-                if self._stopping.wait(_jittered(delay)):
-                    break
-                delay = min(delay * 2, self._backoff[1])
+            if not first and self._stopping.wait(backoff.next()):
+                break
             first = False
             try:
                 conn, undo = self._open()
@@ -155,7 +153,7 @@ class LibvirtAdapter:
             self._watch(conn)
             self._detach(conn, undo)
             if time.monotonic() - since > self._backoff[1]:
-                delay = self._backoff[0]  # it was a stable connection: start backing off anew
+                backoff.reset()  # it was a stable connection: start backing off anew
 
     def _open(self) -> tuple[libvirt.virConnect, list[Callable[[], None]]]:
         with libvirt_calls():
@@ -298,11 +296,6 @@ class _CountingSink:
         if change.origin == RECONCILED:
             self._counts[change.event] = self._counts.get(change.event, 0) + 1
         self._sink.submit(change)
-
-
-def _jittered(delay: float) -> float:
-    """``delay`` with "equal jitter": between half of it and all of it."""
-    return delay / 2 + random.uniform(0, delay / 2)
 
 
 def _close(conn: libvirt.virConnect, undo: list[Callable[[], None]]) -> None:

@@ -18,7 +18,15 @@ from typing import Any
 
 import libvirt
 
-from relay.changes import ObjectKey
+from relay.changes import (  # noqa: F401 (the class names, re-exported for the wing)
+    DOMAIN,
+    NETWORK,
+    NODE,
+    NODE_DEVICE,
+    STORAGE_POOL,
+    STORAGE_VOLUME,
+    ObjectKey,
+)
 from relay.errors import LibvirtError, LibvirtNotSupported, LibvirtPermanent
 from relay.libvirt.errors import is_missing, libvirt_calls
 
@@ -26,12 +34,6 @@ log = logging.getLogger(__name__)
 
 OBJECT_SCHEMA_VERSION = 1
 
-NODE = "node"
-DOMAIN = "domain"
-NETWORK = "network"
-STORAGE_POOL = "storage_pool"
-STORAGE_VOLUME = "storage_volume"
-NODE_DEVICE = "node_device"
 
 
 def libvirt_enum(prefix: str, keep: Callable[[str], bool] | None = None) -> dict[int, str]:

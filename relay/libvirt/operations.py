@@ -1,11 +1,9 @@
-"""The libvirt operations a console may call, with their arguments and effect checks.
+"""The libvirt half of the operations of ``relay.catalog``: finding the target, running the
+call, and telling after a crash whether its effect already happened.
 
-Every operation of the libvirt-qpid seed (node, domain, pool, volume) plus networks and
-``node.refresh``. Each one declares its target class, its arguments (checked before anything
-runs), how to run it, and how to tell after a crash whether its effect already happened:
-``effect(conn, target, args)`` returns True (done), False (provably not done: safe to run) or
-None (cannot tell: reported as outcome unknown, never blindly re-run). Operation names follow
-``<object class>.<virsh verb>``.
+``RUNNERS`` maps every operation name of the catalog to a ``Runner``: ``run(conn, target,
+args)`` makes the call; ``effect(conn, target, args)`` returns True (done), False (provably not
+done: safe to run) or None (cannot tell: reported as outcome unknown, never blindly re-run).
 """
 
 from __future__ import annotations
@@ -13,12 +11,12 @@ from __future__ import annotations
 import os
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import libvirt
 
-from relay.errors import LibvirtError
+from relay.errors import InvalidCommand, LibvirtError
 from relay.libvirt.errors import is_missing, libvirt_calls
 from relay.libvirt.objects import (
     DOMAIN,
@@ -28,53 +26,8 @@ from relay.libvirt.objects import (
     STORAGE_POOL,
     STORAGE_VOLUME,
 )
-from relay.wire import InvalidCommand
 
 Effect = Callable[[libvirt.virConnect, Any, dict[str, Any]], bool | None]
-
-
-@dataclass(frozen=True)
-class Arg:
-    """One argument: its JSON type and whether it must be given."""
-
-    kind: type
-    required: bool = True
-    help: str = ""
-
-
-@dataclass(frozen=True)
-class Operation:
-    """A callable libvirt operation."""
-
-    name: str
-    target_class: str
-    run: Callable[[libvirt.virConnect, Any, dict[str, Any]], Any]
-    effect: Effect
-    args: dict[str, Arg] = field(default_factory=dict)
-    help: str = ""
-
-    @property
-    def needs_target(self) -> bool:
-        """Node-level operations act on the host itself and take no target."""
-        return self.target_class != NODE
-
-    def check_args(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Return ``args`` if they fit this operation; raise ``InvalidCommand`` otherwise."""
-        unknown = set(args) - set(self.args)
-        if unknown:
-            raise InvalidCommand(f"{self.name}: unknown arguments {sorted(unknown)}; it takes "
-                                 f"{sorted(self.args) or 'none'}", "bad-arguments")
-        for name, spec in self.args.items():
-            if name not in args:
-                if spec.required:
-                    raise InvalidCommand(f"{self.name}: missing argument {name!r} ({spec.help})",
-                                         "bad-arguments")
-                continue
-            value = args[name]
-            if not isinstance(value, spec.kind) or (spec.kind is int and isinstance(value, bool)):
-                raise InvalidCommand(f"{self.name}: argument {name!r} must be "
-                                     f"{spec.kind.__name__}", "bad-arguments")
-        return args
 
 
 def lookup(conn: libvirt.virConnect, object_class: str, target: str | None) -> Any:
@@ -203,90 +156,62 @@ def _migrate(conn, domain, args) -> None:
         destination.close()
 
 
-XML = {"xml": Arg(str, help="the object's XML definition")}
-PATH = {"path": Arg(str, help="file path on the host")}
-FLAGS = {"flags": Arg(int, required=False, help="libvirt flags")}
-_active_domain = _domain_in({libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED,
-                             libvirt.VIR_DOMAIN_BLOCKED},
-                            {libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED})
+@dataclass(frozen=True)
+class Runner:
+    """How an operation of the catalog runs on libvirt, and how to tell whether it did."""
 
-_OPERATIONS = [
-    # node (the host itself; libvirt-qpid's Node methods)
-    Operation("node.refresh", NODE, lambda c, n, a: None, _harmless,
-              {"full": Arg(bool, required=False, help="republish every object, not only "
-                                                      "the differences")},
-              "reconcile now (a console's resync)"),
-    Operation("domain.define", NODE, _define_domain, _defined(lambda c: c.lookupByName), XML,
-              "define a persistent domain (domainDefineXML)"),
-    Operation("domain.restore", NODE, _restore, _restored, PATH,
-              "start a domain from a saved image"),
-    Operation("network.define", NODE, lambda c, n, a: c.networkDefineXML(a["xml"]).UUIDString(),
-              _defined(lambda c: c.networkLookupByName), XML, "define a persistent network"),
-    Operation("storage_pool.define", NODE,
-              lambda c, n, a: c.storagePoolDefineXML(a["xml"], 0).UUIDString(),
-              _defined(lambda c: c.storagePoolLookupByName), XML,
-              "define a persistent storage pool (storagePoolDefineXML)"),
-    Operation("storage_pool.create", NODE,
-              lambda c, n, a: c.storagePoolCreateXML(a["xml"], 0).UUIDString(),
-              _defined(lambda c: c.storagePoolLookupByName), XML,
-              "create and start a transient storage pool (storagePoolCreateXML)"),
-    Operation("storage_pool.find_sources", NODE,
-              lambda c, n, a: c.findStoragePoolSources(a["type"], a.get("spec"), 0), _harmless,
-              {"type": Arg(str, help="pool type, e.g. netfs"),
-               "spec": Arg(str, required=False, help="source specification XML")},
-              "discover pool sources (findStoragePoolSources)"),
-    # domain
-    Operation("domain.start", DOMAIN, lambda c, d, a: d.create(), _active_is(True)),
-    Operation("domain.destroy", DOMAIN, lambda c, d, a: d.destroy(), _active_is(False)),
-    Operation("domain.shutdown", DOMAIN, lambda c, d, a: d.shutdown(),
-              _domain_in({libvirt.VIR_DOMAIN_SHUTOFF}, set())),
-    Operation("domain.reboot", DOMAIN, lambda c, d, a: d.reboot(a.get("flags", 0)),
-              lambda c, d, a: None, FLAGS),
-    Operation("domain.suspend", DOMAIN, lambda c, d, a: d.suspend(),
-              _domain_in({libvirt.VIR_DOMAIN_PAUSED}, {libvirt.VIR_DOMAIN_RUNNING})),
-    Operation("domain.resume", DOMAIN, lambda c, d, a: d.resume(),
-              _domain_in({libvirt.VIR_DOMAIN_RUNNING}, {libvirt.VIR_DOMAIN_PAUSED})),
-    Operation("domain.undefine", DOMAIN, lambda c, d, a: d.undefine(), _gone),
-    Operation("domain.save", DOMAIN, lambda c, d, a: d.save(a["path"]), _saved, PATH),
-    Operation("domain.dumpxml", DOMAIN, lambda c, d, a: d.XMLDesc(a.get("flags", 0)), _harmless,
-              FLAGS),
-    Operation("domain.migrate", DOMAIN, _migrate, _migrated,
-              {"destination_uri": Arg(str, help="libvirt URI of the destination host"),
-               "live": Arg(bool, required=False, help="live migration (default true)")}),
-    # network
-    Operation("network.start", NETWORK, lambda c, n, a: n.create(), _active_is(True)),
-    Operation("network.destroy", NETWORK, lambda c, n, a: n.destroy(), _active_is(False)),
-    Operation("network.undefine", NETWORK, lambda c, n, a: n.undefine(), _gone),
-    Operation("network.dumpxml", NETWORK, lambda c, n, a: n.XMLDesc(0), _harmless),
-    # storage pool
-    Operation("storage_pool.start", STORAGE_POOL, lambda c, p, a: p.create(0), _active_is(True)),
-    Operation("storage_pool.destroy", STORAGE_POOL, lambda c, p, a: p.destroy(),
-              _active_is(False)),
-    Operation("storage_pool.build", STORAGE_POOL, lambda c, p, a: p.build(a.get("flags", 0)),
-              lambda c, p, a: None, FLAGS),
-    Operation("storage_pool.delete", STORAGE_POOL, lambda c, p, a: p.delete(a.get("flags", 0)),
-              lambda c, p, a: None, FLAGS),
-    Operation("storage_pool.undefine", STORAGE_POOL, lambda c, p, a: p.undefine(), _gone),
-    Operation("storage_pool.refresh", STORAGE_POOL, lambda c, p, a: p.refresh(0), _harmless),
-    Operation("storage_pool.dumpxml", STORAGE_POOL, lambda c, p, a: p.XMLDesc(0), _harmless),
-    Operation("storage_pool.create_volume", STORAGE_POOL,
-              lambda c, p, a: p.createXML(a["xml"], 0).key(), _volume_created, XML,
-              "create a volume in the pool (createVolumeXML)"),
-    # storage volume
-    Operation("storage_volume.delete", STORAGE_VOLUME, lambda c, v, a: v.delete(0), _gone),
-    Operation("storage_volume.dumpxml", STORAGE_VOLUME, lambda c, v, a: v.XMLDesc(0),
-              _harmless),
-]
-OPERATIONS: dict[str, Operation] = {op.name: op for op in _OPERATIONS}
+    run: Callable[[libvirt.virConnect, Any, dict[str, Any]], Any]
+    effect: Effect
 
 
-def resolve(name: str, allowed: Callable[[str], bool] = lambda name: True) -> Operation:
-    """The operation called ``name``; ``InvalidCommand`` when unknown or not allowed here."""
-    operation = OPERATIONS.get(name)
-    if operation is None:
-        raise InvalidCommand(f"unknown operation {name!r}; known: {', '.join(sorted(OPERATIONS))}",
-                             "unknown-operation")
-    if not allowed(name):
-        raise InvalidCommand(f"operation {name!r} is not in this agent's allow-list",
-                             "not-allowed")
-    return operation
+RUNNERS: dict[str, Runner] = {
+    "node.refresh": Runner(lambda c, n, a: None, _harmless),
+    "domain.define": Runner(_define_domain, _defined(lambda c: c.lookupByName)),
+    "domain.restore": Runner(_restore, _restored),
+    "network.define": Runner(
+        lambda c, n, a: c.networkDefineXML(a["xml"]).UUIDString(),
+        _defined(lambda c: c.networkLookupByName)),
+    "storage_pool.define": Runner(
+        lambda c, n, a: c.storagePoolDefineXML(a["xml"], 0).UUIDString(),
+        _defined(lambda c: c.storagePoolLookupByName)),
+    "storage_pool.create": Runner(
+        lambda c, n, a: c.storagePoolCreateXML(a["xml"], 0).UUIDString(),
+        _defined(lambda c: c.storagePoolLookupByName)),
+    "storage_pool.find_sources": Runner(
+        lambda c, n, a: c.findStoragePoolSources(a["type"], a.get("spec"), 0),
+        _harmless),
+    "domain.start": Runner(lambda c, d, a: d.create(), _active_is(True)),
+    "domain.destroy": Runner(lambda c, d, a: d.destroy(), _active_is(False)),
+    "domain.shutdown": Runner(
+        lambda c, d, a: d.shutdown(),
+        _domain_in({libvirt.VIR_DOMAIN_SHUTOFF}, set())),
+    "domain.reboot": Runner(lambda c, d, a: d.reboot(a.get("flags", 0)), lambda c, d, a: None),
+    "domain.suspend": Runner(
+        lambda c, d, a: d.suspend(),
+        _domain_in({libvirt.VIR_DOMAIN_PAUSED}, {libvirt.VIR_DOMAIN_RUNNING})),
+    "domain.resume": Runner(
+        lambda c, d, a: d.resume(),
+        _domain_in({libvirt.VIR_DOMAIN_RUNNING}, {libvirt.VIR_DOMAIN_PAUSED})),
+    "domain.undefine": Runner(lambda c, d, a: d.undefine(), _gone),
+    "domain.save": Runner(lambda c, d, a: d.save(a["path"]), _saved),
+    "domain.dumpxml": Runner(lambda c, d, a: d.XMLDesc(a.get("flags", 0)), _harmless),
+    "domain.migrate": Runner(_migrate, _migrated),
+    "network.start": Runner(lambda c, n, a: n.create(), _active_is(True)),
+    "network.destroy": Runner(lambda c, n, a: n.destroy(), _active_is(False)),
+    "network.undefine": Runner(lambda c, n, a: n.undefine(), _gone),
+    "network.dumpxml": Runner(lambda c, n, a: n.XMLDesc(0), _harmless),
+    "storage_pool.start": Runner(lambda c, p, a: p.create(0), _active_is(True)),
+    "storage_pool.destroy": Runner(lambda c, p, a: p.destroy(), _active_is(False)),
+    "storage_pool.build": Runner(lambda c, p, a: p.build(a.get("flags", 0)), lambda c, p, a: None),
+    "storage_pool.delete": Runner(
+        lambda c, p, a: p.delete(a.get("flags", 0)),
+        lambda c, p, a: None),
+    "storage_pool.undefine": Runner(lambda c, p, a: p.undefine(), _gone),
+    "storage_pool.refresh": Runner(lambda c, p, a: p.refresh(0), _harmless),
+    "storage_pool.dumpxml": Runner(lambda c, p, a: p.XMLDesc(0), _harmless),
+    "storage_pool.create_volume": Runner(
+        lambda c, p, a: p.createXML(a["xml"], 0).key(),
+        _volume_created),
+    "storage_volume.delete": Runner(lambda c, v, a: v.delete(0), _gone),
+    "storage_volume.dumpxml": Runner(lambda c, v, a: v.XMLDesc(0), _harmless),
+}
