@@ -90,7 +90,7 @@ class AgentLink(BrokerConnection):
         return receiver is not None and self.link_open and bool(
             receiver.state & receiver.REMOTE_ACTIVE)
 
-    # -- BrokerConnection hooks ---------------------------------------------------------------------
+    # -- BrokerConnection hooks --------------------------------------------------------------------
     def started(self) -> None:
         self.schedule(_FLUSH_INTERVAL, self._flush_marks)
 

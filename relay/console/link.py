@@ -129,7 +129,7 @@ class ConsoleLink(BrokerConnection):
         message.durable = True
         self._outcomes[self.sender(address).send(message)] = on_outcome
 
-    # -- BrokerConnection hooks ---------------------------------------------------------------------
+    # -- BrokerConnection hooks --------------------------------------------------------------------
     def started(self) -> None:
         self.schedule(self.tick, self._ticked)
 
