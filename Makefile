@@ -21,8 +21,10 @@ test: bootstrap
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+# ruff, then the walls between the wings (import-linter contracts in pyproject.toml).
 lint: bootstrap
 	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/lint-imports
 
 bench: bootstrap
 	@$(PY) -m bench --only "$(ONLY)" --out bench-results.json

@@ -12,7 +12,7 @@ import pytest
 from relay.agent import config as config_module
 from relay.errors import ConfigError
 
-SAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "agent.sample.toml"
+SAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "agent.sample.toml"
 
 
 @pytest.fixture

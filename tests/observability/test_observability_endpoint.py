@@ -192,6 +192,6 @@ def test_reconcile_differences_count_what_reconcile_published(libvirt_conn,
 
 
 def test_metrics_doc_lists_the_health_endpoints():
-    text = (Path(__file__).resolve().parents[1] / "docs/metrics.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs/metrics.md").read_text()
     for needle in ("/healthz", "/readyz", "not-ready", "degraded", "503"):
         assert needle in text

@@ -42,7 +42,7 @@ from tests.support.agent import (
 from tests.support.libvirt_side import Scratch
 from tests.support.prometheus import TestPrometheus, running_prometheus
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "grafana" / "alerts.yml"
 JOB, CONSOLE_JOB = "virt-relay-agent", "virt-relay-console"
 METRIC = re.compile(r"\b(virtrelay_[a-z0-9_]+|up)\b")

@@ -13,7 +13,7 @@ import yaml
 
 from tests.support.prometheus import PROMTOOL
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GRAFANA = ROOT / "grafana"
 ALERTS = GRAFANA / "alerts.yml"
 ALERT_TESTS = GRAFANA / "alerts_test.yml"

@@ -1,0 +1,2 @@
+"""Tests of the agent wing (relay/agent/): publishing, commands, crashes, partitions,
+supervision, hostile input."""

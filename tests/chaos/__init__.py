@@ -1,0 +1,1 @@
+"""Tests of the chaos harness (chaos/): fault proxy and the chaos run."""

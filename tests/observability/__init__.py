@@ -1,0 +1,1 @@
+"""Tests of metrics, health endpoints, dashboards and alert rules against a real Prometheus."""
