@@ -118,6 +118,25 @@ _OPERATIONS = [
 OPERATIONS: dict[str, Operation] = {op.name: op for op in _OPERATIONS}
 
 
+# virsh command names (`virt-relay call` accepts them) of the operations they match.
+VIRSH_NAMES = {
+    "start": "domain.start", "destroy": "domain.destroy", "shutdown": "domain.shutdown",
+    "reboot": "domain.reboot", "suspend": "domain.suspend", "resume": "domain.resume",
+    "undefine": "domain.undefine", "save": "domain.save", "restore": "domain.restore",
+    "dumpxml": "domain.dumpxml", "migrate": "domain.migrate", "define": "domain.define",
+    "net-start": "network.start", "net-destroy": "network.destroy",
+    "net-undefine": "network.undefine", "net-dumpxml": "network.dumpxml",
+    "net-define": "network.define", "pool-start": "storage_pool.start",
+    "pool-destroy": "storage_pool.destroy", "pool-build": "storage_pool.build",
+    "pool-delete": "storage_pool.delete", "pool-undefine": "storage_pool.undefine",
+    "pool-refresh": "storage_pool.refresh", "pool-dumpxml": "storage_pool.dumpxml",
+    "pool-define": "storage_pool.define", "pool-create": "storage_pool.create",
+    "find-storage-pool-sources": "storage_pool.find_sources",
+    "vol-create": "storage_pool.create_volume", "vol-delete": "storage_volume.delete",
+    "vol-dumpxml": "storage_volume.dumpxml", "refresh": "node.refresh",
+}
+
+
 def resolve(name: str, allowed: Callable[[str], bool] = lambda name: True) -> Operation:
     """The operation called ``name``; ``InvalidCommand`` when unknown or not allowed here."""
     operation = OPERATIONS.get(name)

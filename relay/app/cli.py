@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from relay import __version__
+from relay import __version__, catalog
 from relay.errors import RelayError
 from relay.supervision import EXIT_CODE
 
@@ -35,23 +35,6 @@ DEFAULT_BROKER_STATE = STATE_HOME / "broker"
 DEFAULT_CONSOLE_STATE = STATE_HOME / "console"
 DEFAULT_URL = os.environ.get("VIRTRELAY_URL", "amqp://127.0.0.1:5682")
 
-# virsh command names accepted by `virt-relay call` for the operations they match.
-VIRSH_NAMES = {
-    "start": "domain.start", "destroy": "domain.destroy", "shutdown": "domain.shutdown",
-    "reboot": "domain.reboot", "suspend": "domain.suspend", "resume": "domain.resume",
-    "undefine": "domain.undefine", "save": "domain.save", "restore": "domain.restore",
-    "dumpxml": "domain.dumpxml", "migrate": "domain.migrate", "define": "domain.define",
-    "net-start": "network.start", "net-destroy": "network.destroy",
-    "net-undefine": "network.undefine", "net-dumpxml": "network.dumpxml",
-    "net-define": "network.define", "pool-start": "storage_pool.start",
-    "pool-destroy": "storage_pool.destroy", "pool-build": "storage_pool.build",
-    "pool-delete": "storage_pool.delete", "pool-undefine": "storage_pool.undefine",
-    "pool-refresh": "storage_pool.refresh", "pool-dumpxml": "storage_pool.dumpxml",
-    "pool-define": "storage_pool.define", "pool-create": "storage_pool.create",
-    "find-storage-pool-sources": "storage_pool.find_sources",
-    "vol-create": "storage_pool.create_volume", "vol-delete": "storage_volume.delete",
-    "vol-dumpxml": "storage_volume.dumpxml", "refresh": "node.refresh",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,7 +304,7 @@ def _add_console_commands(commands) -> None:
                         help="seconds to catch up before showing (default 10)")
     events.set_defaults(handler=_events)
 
-    from relay.catalog import OPERATIONS
+
 
     call = commands.add_parser(
         "call", parents=[common], help="run a libvirt operation on a host",
@@ -332,8 +315,8 @@ def _add_console_commands(commands) -> None:
                     "5 no reply in time, 6 outcome unknown.",
         epilog="operations (virsh names in brackets):\n" + "\n".join(
             f"  {name:<28} " + " ".join([op.help] * bool(op.help) + [
-                f"[{alias}]" for alias, target in VIRSH_NAMES.items() if target == name])
-            for name, op in sorted(OPERATIONS.items())))
+                f"[{alias}]" for alias, target in catalog.VIRSH_NAMES.items() if target == name])
+            for name, op in sorted(catalog.OPERATIONS.items())))
     call.add_argument("host", help="host id")
     call.add_argument("operation", help="e.g. domain.start (or its virsh name, start)")
     call.add_argument("target", nargs="?", help="uuid or name (volume: key or path)")
@@ -448,7 +431,7 @@ def _call(args) -> int:
     from relay.errors import CommandRejected, CommandTimeout, OutcomeUnknown
 
     urls, console_id, secret = _console_setup(args)
-    operation = VIRSH_NAMES.get(args.operation, args.operation)
+    operation = catalog.VIRSH_NAMES.get(args.operation, args.operation)
     arguments = dict(_parse_arg(text) for text in args.arg)
     calls_id = f"{console_id}-calls"  # its own reply queue: a watching console keeps its own
     with hold_lock(args.state_dir / f"{calls_id}.lock", wait=args.timeout), \
