@@ -154,8 +154,8 @@ class AgentLink(BrokerConnection):
 
     def _settle(self, delivery: Delivery, accept: bool,
                 refusal: InvalidCommand | None = None) -> None:
-        if delivery.settled or delivery.link.connection != self._connection:
-            return  # that connection is gone: the broker will redeliver
+        if not self.settleable(delivery):
+            return
         if refusal is not None:
             delivery.local.condition = Condition(f"virtrelay:{refusal.code}",
                                                  refusal.reason[:500])

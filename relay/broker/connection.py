@@ -132,7 +132,6 @@ class BrokerConnection(MessagingHandler):
         self._url_index = 0
         self._backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
         self._connection = None
-        self._generation = 0  # which connection: stale deliveries carry an older one
         self._frames_in = 0
         self._last_frame_at = time.monotonic()
         self._senders: dict[str, Any] = {}
@@ -195,6 +194,11 @@ class BrokerConnection(MessagingHandler):
                                                    options=DurableTarget(), name=f"to-{address}")
             self._senders[address] = sender
         return sender
+
+    def settleable(self, delivery) -> bool:
+        """True when ``delivery`` is unsettled and came on the current connection (one of a
+        lost connection is redelivered by the broker: settling it would mean nothing)."""
+        return not delivery.settled and delivery.link.connection == self._connection
 
     def started(self) -> None:
         """The event loop runs (before the first connect, and again after a rebuild)."""
@@ -269,7 +273,6 @@ class BrokerConnection(MessagingHandler):
         log.info("%s: connecting to broker %s", self.name, url)
         self._attempt_url = url
         self._connection = self._container.connect(url, **self.settings.connect_options())
-        self._generation += 1
         attempt = self._connection
         self.schedule(self.settings.open_timeout, lambda: self._open_timed_out(attempt))
         self.attached(self._connection)

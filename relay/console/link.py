@@ -30,7 +30,6 @@ class Token:
     """A received delivery, to settle through ``ConsoleLink.settle``."""
 
     delivery: Delivery
-    generation: int  # which connection it came on
     address: str
 
 
@@ -49,9 +48,9 @@ class _Receiving(Handler):
     """The handler of one receiver, kept lean (a console's throughput is this thread's Python
     per delivery): deliveries go straight to its consumer, decoded by ``amqp_codec``."""
 
-    def __init__(self, owner: ConsoleLink, consumer: Consumer, generation: int):
+    def __init__(self, owner: ConsoleLink, consumer: Consumer):
         super().__init__()
-        self.owner, self.consumer, self.generation = owner, consumer, generation
+        self.owner, self.consumer = owner, consumer
 
     def on_link_remote_open(self, event) -> None:
         event.receiver.flow(self.consumer.credit)
@@ -77,7 +76,7 @@ class _Receiving(Handler):
             log.error("undecodable message from %s (%d bytes): %s", self.consumer.address,
                       len(raw), exc)
             message = ReceivedMessage()  # no properties, no body: the consumer refuses it
-        self.consumer.on_message(message, Token(delivery, self.generation, self.consumer.address))
+        self.consumer.on_message(message, Token(delivery, self.consumer.address))
 
 
 class ConsoleLink(BrokerConnection):
@@ -105,8 +104,8 @@ class ConsoleLink(BrokerConnection):
         state = Delivery.ACCEPTED if accept else Delivery.RELEASED
         credit: Counter[str] = Counter()
         for token in tokens:
-            if token.generation != self._generation:
-                continue  # that connection is gone: the broker delivers it again
+            if not self.settleable(token.delivery):
+                continue
             token.delivery.update(state)
             token.delivery.settle()
             credit[token.address] += 1
@@ -137,7 +136,7 @@ class ConsoleLink(BrokerConnection):
         for address, consumer in self.consumers.items():
             self._receivers[address] = self._container.create_receiver(
                 connection, address, name=f"from-{address}",
-                handler=_Receiving(self, consumer, self._generation))
+                handler=_Receiving(self, consumer))
 
     def opened(self, url: str, reconnected: bool) -> None:
         self.on_state(True, None)
