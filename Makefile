@@ -43,4 +43,4 @@ clean:
 
 # A long hostile burst (10,000 messages, twice) against an agent process: refusals/s, peak RSS.
 fuzz: bootstrap
-	@$(PY) -m tests.support.fuzz_run --messages 10000 --json fuzz-report.json
+	@$(PY) -m harness.fuzz_run --messages 10000 --json fuzz-report.json

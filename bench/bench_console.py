@@ -30,6 +30,7 @@ from proton.reactor import Container
 from proton.utils import BlockingConnection
 
 from bench import Result, benchmark
+from harness.simulated import simulated_events
 from relay.agent import Agent
 from relay.agent import config as config_module
 from relay.broker.admin import RabbitAdmin
@@ -37,7 +38,6 @@ from relay.broker.node import NodePorts, RabbitNode
 from relay.broker.topology import Addresses, declare_console
 from relay.console import Console
 from relay.libvirt.loop import ensure_event_loop
-from tests.support.simulated import simulated_events
 
 ROUNDS = 200  # sequential events / calls per latency figure
 HOSTS, EVENTS_PER_HOST = 50, 400

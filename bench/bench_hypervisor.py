@@ -1,5 +1,5 @@
 """Real-hypervisor figures (as root; skipped, saying why, where no guest can run): an agent
-process on ``qemu:///system`` served by a libvirtd of our own (tests/support/hypervisor.py), a
+process on ``qemu:///system`` served by a libvirtd of our own (harness/hypervisor.py), a
 console in this process, on a private RabbitMQ node.
 
 - ``hypervisor.{kvm,tcg}.latency_p50_ms`` / ``p99``: ``virsh suspend`` / ``resume`` of a tiny
@@ -26,11 +26,10 @@ from pathlib import Path
 import libvirt
 
 from bench import Result, benchmark
-from relay.libvirt.loop import ensure_event_loop
-from tests.support import wait_until
-from tests.support.broker import private_broker
-from tests.support.fleet import AgentHost, running_console
-from tests.support.hypervisor import (
+from harness import wait_until
+from harness.broker import private_broker
+from harness.fleet import AgentHost, running_console
+from harness.hypervisor import (
     Hypervisor,
     Unavailable,
     console_view,
@@ -38,6 +37,7 @@ from tests.support.hypervisor import (
     metric,
     system_hypervisor,
 )
+from relay.libvirt.loop import ensure_event_loop
 
 CHANGES = 120  # virsh changes per latency figure (>= 100)
 IDLE_SECONDS = 30.0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import libvirt
 import pytest
 
+from harness.broker import private_broker
 from relay.libvirt.loop import ensure_event_loop
-from tests.support.broker import private_broker
 
 
 @pytest.fixture(scope="session")

@@ -6,11 +6,11 @@ import uuid
 
 import pytest
 
+from harness import wait_until
+from harness.broker import private_broker, receive_all, send_durable
 from relay.broker.admin import RabbitAdmin
 from relay.broker.node import amqp_accepts, port_is_free
 from relay.errors import AddressUnroutable
-from tests.support import wait_until
-from tests.support.broker import private_broker, receive_all, send_durable
 
 
 def test_durable_message_survives_broker_sigkill_and_restart(broker):

@@ -8,9 +8,8 @@ import time
 import libvirt
 import pytest
 
-from relay import wire
-from tests.support import wait_until
-from tests.support.agent import (
+from harness import wait_until
+from harness.agent import (
     QueueReader,
     agent_config,
     declare_consoles,
@@ -19,7 +18,8 @@ from tests.support.agent import (
     send_command,
     unique,
 )
-from tests.support.libvirt_side import Scratch
+from harness.libvirt_side import Scratch
+from relay import wire
 
 SECRET = "s3cret-shared-key"
 

@@ -15,11 +15,8 @@ import libvirt
 import pytest
 
 from chaos.libvirtd import private_libvirtd
-from journal import Journal
-from relay import wire
-from relay.broker.node import free_ports
-from tests.support import wait_until
-from tests.support.agent import (
+from harness import wait_until
+from harness.agent import (
     AgentProcess,
     QueueReader,
     declare_consoles,
@@ -27,6 +24,9 @@ from tests.support.agent import (
     send_command,
     unique,
 )
+from journal import Journal
+from relay import wire
+from relay.broker.node import free_ports
 
 
 @pytest.fixture

@@ -8,9 +8,8 @@ import threading
 
 import libvirt
 
-from relay import wire
-from tests.support import wait_until
-from tests.support.agent import (
+from harness import wait_until
+from harness.agent import (
     QueueReader,
     agent_config,
     declare_consoles,
@@ -18,8 +17,9 @@ from tests.support.agent import (
     send_command,
     unique,
 )
-from tests.support.libvirt_side import Scratch
-from tests.support.small_fs import small_filesystem
+from harness.libvirt_side import Scratch
+from harness.small_fs import small_filesystem
+from relay import wire
 
 
 def test_a_full_disk_degrades_the_agent_and_everything_resumes_when_space_returns(

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import wait_until
-from tests.support.agent import QueueReader, agent_config, declare_consoles, running_agent, unique
-from tests.support.broker import private_broker
-from tests.support.libvirt_side import Scratch
+from harness import wait_until
+from harness.agent import QueueReader, agent_config, declare_consoles, running_agent, unique
+from harness.broker import private_broker
+from harness.libvirt_side import Scratch
 
 
 @pytest.fixture

@@ -14,12 +14,8 @@ from collections import Counter
 import pytest
 from proton import Message
 
-from journal import EXECUTING, RECEIVED
-from relay import wire
-from relay.broker.admin import RabbitAdmin
-from relay.broker.topology import Addresses, dead_letter_policy, declare_dead_letters
-from tests.support import wait_until
-from tests.support.agent import (
+from harness import wait_until
+from harness.agent import (
     ROOT,
     QueueReader,
     agent_config,
@@ -30,6 +26,10 @@ from tests.support.agent import (
     signed,
     unique,
 )
+from journal import EXECUTING, RECEIVED
+from relay import wire
+from relay.broker.admin import RabbitAdmin
+from relay.broker.topology import Addresses, dead_letter_policy, declare_dead_letters
 
 SECRET = "hostile-shared-key"
 

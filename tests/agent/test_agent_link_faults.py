@@ -16,8 +16,8 @@ from __future__ import annotations
 import pytest
 
 from chaos.proxy import TO_BROKER, TO_CLIENT, FaultProxy
-from tests.support import wait_until
-from tests.support.agent import (
+from harness import wait_until
+from harness.agent import (
     QueueReader,
     agent_config,
     declare_consoles,
@@ -26,8 +26,8 @@ from tests.support.agent import (
     send_command,
     unique,
 )
-from tests.support.libvirt_side import Scratch
-from tests.support.status import sample, scrape
+from harness.libvirt_side import Scratch
+from harness.status import sample, scrape
 
 
 def reconnect(ctx) -> None:

@@ -8,9 +8,9 @@ import threading
 import pytest
 
 from chaos.proxy import FaultProxy
-from tests.support import wait_until
-from tests.support.agent import QueueReader, agent_config, declare_consoles, running_agent, unique
-from tests.support.libvirt_side import Scratch
+from harness import wait_until
+from harness.agent import QueueReader, agent_config, declare_consoles, running_agent, unique
+from harness.libvirt_side import Scratch
 
 RATE = 100.0  # backlog messages per second after the heal
 BACKLOG = 400

@@ -5,17 +5,17 @@ from __future__ import annotations
 import json
 import threading
 
-from relay.broker.topology import Addresses
-from relay.libvirt.objects import DOMAIN
-from tests.support import wait_until
-from tests.support.agent import (
+from harness import wait_until
+from harness.agent import (
     QueueReader,
     agent_config,
     declare_consoles,
     running_agent,
     unique,
 )
-from tests.support.libvirt_side import Scratch
+from harness.libvirt_side import Scratch
+from relay.broker.topology import Addresses
+from relay.libvirt.objects import DOMAIN
 
 
 def console_reader(broker, console: str) -> QueueReader:

@@ -10,9 +10,8 @@ import sys
 import textwrap
 import threading
 
-from relay.supervision import EXIT_CODE
-from tests.support import wait_until
-from tests.support.agent import (
+from harness import wait_until
+from harness.agent import (
     ROOT,
     QueueReader,
     agent_config,
@@ -22,8 +21,9 @@ from tests.support.agent import (
     send_command,
     unique,
 )
-from tests.support.libvirt_side import Scratch
-from tests.support.status import get, sample, scrape
+from harness.libvirt_side import Scratch
+from harness.status import get, sample, scrape
+from relay.supervision import EXIT_CODE
 
 
 def health(agent, path: str = "/healthz") -> tuple[int, dict | str]:

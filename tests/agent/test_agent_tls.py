@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from harness import wait_until
+from harness.agent import QueueReader, agent_config, declare_consoles, running_agent, unique
+from harness.broker import private_broker
 from relay.broker.node import free_ports
-from tests.support import wait_until
-from tests.support.agent import QueueReader, agent_config, declare_consoles, running_agent, unique
-from tests.support.broker import private_broker
 
 
 def openssl(*args: str, cwd: Path) -> None:

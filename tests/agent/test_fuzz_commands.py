@@ -10,13 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from journal import EXECUTING, RECEIVED
-from relay import wire
-from relay.broker.admin import RabbitAdmin
-from relay.broker.topology import Addresses, dead_letter_policy, declare_dead_letters
-from relay.libvirt.loop import ensure_event_loop
-from tests.support import wait_until
-from tests.support.agent import (
+from harness import wait_until
+from harness.agent import (
     QueueReader,
     agent_config,
     declare_consoles,
@@ -26,7 +21,12 @@ from tests.support.agent import (
     signed,
     unique,
 )
-from tests.support.fuzz import ALLOWED, CommandQueueProbe, build, specs
+from harness.fuzz import ALLOWED, CommandQueueProbe, build, specs
+from journal import EXECUTING, RECEIVED
+from relay import wire
+from relay.broker.admin import RabbitAdmin
+from relay.broker.topology import Addresses, dead_letter_policy, declare_dead_letters
+from relay.libvirt.loop import ensure_event_loop
 
 SECRET = "fuzz-shared-key"
 

@@ -9,11 +9,11 @@ import threading
 import pytest
 
 from chaos.proxy import TO_CLIENT, FaultProxy
+from harness import wait_until
+from harness.agent import unique
+from harness.fleet import AgentHost, converged, running_console
+from harness.status import get, sample, scrape
 from relay.errors import CommandTimeout
-from tests.support import wait_until
-from tests.support.agent import unique
-from tests.support.fleet import AgentHost, converged, running_console
-from tests.support.status import get, sample, scrape
 
 RESTARTS = 5
 

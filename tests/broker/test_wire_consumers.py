@@ -8,13 +8,13 @@ import json
 import pika
 from proton import int32
 
+from harness import wait_until
+from harness.agent import agent_config, running_agent, unique
 from journal import OutboxEntry
 from relay import wire
 from relay.agent import entries
 from relay.broker import codec as amqp_codec
 from relay.broker.admin import RabbitAdmin, connection_parameters
-from tests.support import wait_until
-from tests.support.agent import agent_config, running_agent, unique
 
 
 def test_a_pika_consumer_of_its_own_queue_reads_every_event_as_raw_json(broker, tmp_path,

@@ -12,20 +12,20 @@ from collections import Counter
 import pytest
 from proton.utils import BlockingConnection
 
-from relay import wire
-from relay.broker.topology import Addresses
-from relay.console.fleet import NOTICE_SWEPT
-from relay.errors import CommandRejected
-from tests.support import wait_until
-from tests.support.agent import decode, unique
-from tests.support.fleet import (
+from harness import wait_until
+from harness.agent import decode, unique
+from harness.fleet import (
     AgentHost,
     ConsoleProcess,
     converged,
     running_console,
     view,
 )
-from tests.support.libvirt_side import DOMAIN_XML, Scratch
+from harness.libvirt_side import DOMAIN_XML, Scratch
+from relay import wire
+from relay.broker.topology import Addresses
+from relay.console.fleet import NOTICE_SWEPT
+from relay.errors import CommandRejected
 
 
 def domain_xml(name: str) -> str:

@@ -8,13 +8,13 @@ import threading
 
 import pytest
 
+from harness import wait_until
+from harness.agent import unique
+from harness.fleet import AgentHost
+from harness.libvirt_side import DOMAIN_XML, Scratch
 from relay.app.cli import EXIT_ERROR, EXIT_OUTCOME_UNKNOWN, EXIT_REJECTED, EXIT_TIMEOUT, main
 from relay.broker.admin import RabbitAdmin
 from relay.broker.topology import Addresses, declare_host
-from tests.support import wait_until
-from tests.support.agent import unique
-from tests.support.fleet import AgentHost
-from tests.support.libvirt_side import DOMAIN_XML, Scratch
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ from __future__ import annotations
 from proton import Message
 from proton.utils import BlockingConnection
 
+from harness import wait_until
+from harness.agent import unique
+from harness.fleet import running_console
+from harness.simulated import simulated_events
 from relay.broker.admin import RabbitAdmin
 from relay.broker.topology import Addresses, declare_console
-from tests.support import wait_until
-from tests.support.agent import unique
-from tests.support.fleet import running_console
-from tests.support.simulated import simulated_events
 
 HOSTS, EVENTS = 5, 200
 

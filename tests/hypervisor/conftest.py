@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.fleet import running_console
-from tests.support.hypervisor import (
+from harness.fleet import running_console
+from harness.hypervisor import (
     Recorder,
     Unavailable,
     assert_view_equals_virsh,

@@ -11,9 +11,9 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
+from harness import wait_until
+from harness.hypervisor import CLASSES, MACVTAP, last_seq, metric, wait_applied
 from journal import Journal
-from tests.support import wait_until
-from tests.support.hypervisor import CLASSES, MACVTAP, last_seq, metric, wait_applied
 
 
 def _events(recorder, mark: int) -> list:

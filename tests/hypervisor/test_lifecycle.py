@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from chaos.libvirtd import SystemLibvirtd
-from tests.support.hypervisor import LEFTOVER
+from harness.hypervisor import LEFTOVER
 
 DEFINED, UNDEFINED = "lifecycle.defined.added", "lifecycle.undefined.removed"
 STARTED, DESTROYED = "lifecycle.started.booted", "lifecycle.stopped.destroyed"

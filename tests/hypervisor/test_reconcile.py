@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 
-from tests.support import wait_until
-from tests.support.fleet import running_console
-from tests.support.hypervisor import Recorder, assert_view_equals_virsh, hypervisor_agent
+from harness import wait_until
+from harness.fleet import running_console
+from harness.hypervisor import Recorder, assert_view_equals_virsh, hypervisor_agent
 
 INTERVAL = 2.0
 SLACK = 4.0  # a reconcile pass, journal commit, broker and console on a loaded 2-core machine

@@ -23,7 +23,7 @@ class Child:
 
     def __init__(self, mode: str, path: Path, run: int):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.journal_child", mode, str(path), str(run)],
+            [sys.executable, "-m", "harness.journal_child", mode, str(path), str(run)],
             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
+from harness.small_fs import small_filesystem
 from journal import Entry, Journal, JournalFull
-from tests.support.small_fs import small_filesystem
 
 
 def test_appends_fail_cleanly_when_the_disk_is_full_and_resume_after(tmp_path):

@@ -7,12 +7,12 @@ import threading
 
 import pytest
 
+from harness import wait_until
+from harness.libvirt_side import Scratch, next_change, running_adapter
+from harness.memory_sink import MemorySink
 from relay.changes import LIVE, RECONCILED
 from relay.lanes import Lanes
 from relay.libvirt.objects import DOMAIN
-from tests.support import wait_until
-from tests.support.libvirt_side import Scratch, next_change, running_adapter
-from tests.support.memory_sink import MemorySink
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ import libvirt
 import pytest
 
 from chaos.libvirtd import private_libvirtd
+from harness.libvirt_side import Scratch
 from relay.errors import LibvirtNotSupported, LibvirtPermanent, LibvirtTransient
 from relay.libvirt.errors import classify_libvirt_error, is_missing, libvirt_calls
-from tests.support.libvirt_side import Scratch
 
 
 def test_missing_objects_and_invalid_requests_are_permanent(libvirt_conn):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import libvirt
 import pytest
 
+from harness import wait_until
+from harness.libvirt_side import DOMAIN_XML, Scratch, next_change, running_adapter
+from harness.memory_sink import MemorySink
 from relay.changes import LIVE, RECONCILED
 from relay.libvirt.events import SOURCES, deregister, register_events
 from relay.libvirt.objects import DOMAIN, NETWORK, NODE_DEVICE, STORAGE_POOL, STORAGE_VOLUME
-from tests.support import wait_until
-from tests.support.libvirt_side import DOMAIN_XML, Scratch, next_change, running_adapter
-from tests.support.memory_sink import MemorySink
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ import threading
 import libvirt
 import pytest
 
+from harness import wait_until
+from harness.libvirt_side import Scratch, next_change, running_adapter
+from harness.memory_sink import MemorySink
 from relay.changes import LIVE, RECONCILED
 from relay.libvirt.objects import DOMAIN, NETWORK, OBJECT_CLASSES, list_keys, read_state
-from tests.support import wait_until
-from tests.support.libvirt_side import Scratch, next_change, running_adapter
-from tests.support.memory_sink import MemorySink
 
 
 @pytest.fixture

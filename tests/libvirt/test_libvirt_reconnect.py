@@ -1,6 +1,6 @@
 """The adapter survives libvirtd dying under it: close callback, backoff, reconnect, reconcile.
 
-A private libvirtd (tests/support/libvirtd.py) serves its embedded test driver over a unix
+A private libvirtd (harness/libvirtd.py) serves its embedded test driver over a unix
 socket; SIGKILL closes the connection for real, and the driver's state resets on restart.
 """
 
@@ -14,11 +14,11 @@ import libvirt
 import pytest
 
 from chaos.libvirtd import private_libvirtd
+from harness import wait_until
+from harness.libvirt_side import DOMAIN_XML, Scratch, next_change, running_adapter
+from harness.memory_sink import MemorySink
 from relay.changes import LIVE, RECONCILED
 from relay.libvirt.objects import DOMAIN
-from tests.support import wait_until
-from tests.support.libvirt_side import DOMAIN_XML, Scratch, next_change, running_adapter
-from tests.support.memory_sink import MemorySink
 
 
 @pytest.fixture

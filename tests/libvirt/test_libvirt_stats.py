@@ -6,11 +6,11 @@ import logging
 
 import pytest
 
+from harness import wait_until
+from harness.libvirt_side import Scratch, running_adapter
+from harness.memory_sink import MemorySink
 from relay.changes import LIVE, STATS
 from relay.libvirt.objects import DOMAIN, NODE, STORAGE_VOLUME
-from tests.support import wait_until
-from tests.support.libvirt_side import Scratch, running_adapter
-from tests.support.memory_sink import MemorySink
 
 
 @pytest.fixture

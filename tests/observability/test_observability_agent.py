@@ -26,12 +26,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from chaos.proxy import FaultProxy
-from relay.catalog import OPERATIONS
-from relay.console import Console
-from relay.libvirt.loop import ensure_event_loop
-from relay.libvirt.objects import list_keys
-from tests.support import wait_until
-from tests.support.agent import (
+from harness import wait_until
+from harness.agent import (
     QueueReader,
     agent_config,
     declare_consoles,
@@ -39,8 +35,12 @@ from tests.support.agent import (
     send_command,
     unique,
 )
-from tests.support.libvirt_side import Scratch
-from tests.support.prometheus import TestPrometheus, running_prometheus
+from harness.libvirt_side import Scratch
+from harness.prometheus import TestPrometheus, running_prometheus
+from relay.catalog import OPERATIONS
+from relay.console import Console
+from relay.libvirt.loop import ensure_event_loop
+from relay.libvirt.objects import list_keys
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "grafana" / "alerts.yml"

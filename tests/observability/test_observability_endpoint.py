@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from harness import wait_until
+from harness.agent import agent_config, running_agent
+from harness.libvirt_side import Scratch, running_adapter
+from harness.memory_sink import MemorySink
+from harness.status import get, sample, scrape
 from journal import Journal
 from relay.agent import Agent
 from relay.agent.metrics import AgentMetrics
 from relay.changes import RECONCILED
 from relay.status import StatusServer
-from tests.support import wait_until
-from tests.support.agent import agent_config, running_agent
-from tests.support.libvirt_side import Scratch, running_adapter
-from tests.support.memory_sink import MemorySink
-from tests.support.status import get, sample, scrape
 
 NO_BROKER = "amqp://127.0.0.1:9"  # discard port: nothing speaks AMQP there
 

@@ -1,6 +1,6 @@
 """``make fuzz``: a long hostile burst against an agent process on a private broker.
 
-Draws ``--messages`` command messages from the strategies of ``tests.support.fuzz``
+Draws ``--messages`` command messages from the strategies of ``harness.fuzz``
 (derandomized), sends them as fast as the broker takes them, twice (two identical bursts), and
 reports the agent's refusals per second and its peak RSS (``VmHWM``) after each burst; then
 checks that every message was counted once, each refusal dead-lettered once, a valid command is
@@ -26,6 +26,10 @@ from proton.handlers import MessagingHandler
 from proton.reactor import Container
 
 from chaos.processes import AgentProcess
+from harness import wait_until
+from harness.agent import QueueReader, replies_for, signed
+from harness.broker import private_broker
+from harness.fuzz import ALLOWED, CommandQueueProbe, build, specs
 from relay import wire
 from relay.broker.admin import RabbitAdmin
 from relay.broker.node import free_ports
@@ -36,10 +40,6 @@ from relay.broker.topology import (
     declare_dead_letters,
     declare_host,
 )
-from tests.support import wait_until
-from tests.support.agent import QueueReader, replies_for, signed
-from tests.support.broker import private_broker
-from tests.support.fuzz import ALLOWED, CommandQueueProbe, build, specs
 
 SECRET = "fuzz-shared-key"
 HOST, CONSOLE, CHECK = "fuzz-host", "fuzz-console", "fuzz-check"

@@ -12,11 +12,11 @@ from collections.abc import Iterator
 
 import libvirt
 
+from harness import wait_until
+from harness.memory_sink import MemorySink
 from relay.changes import Change, ObjectKey
 from relay.libvirt.adapter import LibvirtAdapter
 from relay.libvirt.objects import DOMAIN, NETWORK, STORAGE_POOL
-from tests.support import wait_until
-from tests.support.memory_sink import MemorySink
 
 DOMAIN_XML = """<domain type='test'>
   <name>{name}</name>

@@ -22,11 +22,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from chaos.libvirtd import SystemLibvirtd
+from harness import wait_until
+from harness.fleet import AgentHost
+from harness.status import scrape
 from relay.console import Console
 from relay.console.fleet import Notice
-from tests.support import wait_until
-from tests.support.fleet import AgentHost
-from tests.support.status import scrape
 
 LEFTOVER = re.compile(r"^vrtest-[0-9a-f]{6}-")
 QEMU = "/usr/bin/qemu-system-x86_64"

@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: real brokers, real libvirt, polling with deadlines."""
+"""The test harness shared by the tests and the benchmarks: real brokers, real libvirt, agents
+and consoles as processes, polling with deadlines. Not part of the product (never in the wheel)."""
 
 import time
 

@@ -4,7 +4,7 @@ property types, JSON shapes and depths, sizes, unicode, signatures, reply addres
 A drawn message is plain data (``Spec``), so hypothesis prints a failing example as a
 reproducer; ``build`` turns it into a proton ``Message``. ``CommandQueueProbe`` sends them and
 checks that every one was settled exactly once: counted as refused or received, nothing left in
-the command queue, each refusal dead-lettered once. ``python -m tests.support.fuzz`` (``make
+the command queue, each refusal dead-lettered once. ``python -m harness.fuzz`` (``make
 fuzz``) runs a long burst against an agent process and reports refusals/s and peak RSS.
 """
 
@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from proton import ConnectionException, Message
 from proton.utils import BlockingConnection
 
+from harness import wait_until
 from relay import limits, wire
 from relay.broker.admin import RabbitAdmin
-from tests.support import wait_until
 
 OPERATIONS = ["domain.dumpxml", "network.dumpxml", "domain.suspend", "node.explode"]
 ALLOWED = ["domain.dumpxml", "network.dumpxml"]  # harmless: lookups of random names fail

@@ -14,15 +14,15 @@ from proton import Message
 from proton.utils import BlockingConnection
 
 from chaos.processes import AgentProcess  # noqa: F401 (tests import it from here)
+from harness import wait_until
 from relay import wire
 from relay.agent import Agent
 from relay.agent import config as config_module
 from relay.agent.config import AgentConfig
 from relay.broker.admin import RabbitAdmin
 from relay.broker.topology import Addresses, declare_console
-from tests.support import wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def unique(prefix: str) -> str:

@@ -13,13 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from harness import wait_until
+from harness.agent import ROOT, AgentProcess, send_command, unique
 from journal import UNCONFIRMED, Journal
 from relay.broker.admin import RabbitAdmin
 from relay.broker.node import free_ports
 from relay.broker.topology import Addresses, declare_replies
 from relay.console import Console
-from tests.support import wait_until
-from tests.support.agent import ROOT, AgentProcess, send_command, unique
 
 REFEREE = "referee"  # the reply queue of the test's own refresh commands (nobody reads it)
 

@@ -1,6 +1,6 @@
 """A journal writer run as a child process so a test can SIGKILL it mid-write.
 
-``python -m tests.support.journal_child outbox|inbox PATH RUN`` writes forever and prints one line
+``python -m harness.journal_child outbox|inbox PATH RUN`` writes forever and prints one line
 per write the journal acknowledged as durable (``ack SEQ BODY`` / ``received KEY`` /
 ``done KEY REPLY_SEQ``), flushed at once, so the parent knows what must survive the kill.
 """
