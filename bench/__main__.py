@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import pkgutil
+import signal
 import sys
 
 import bench
@@ -19,6 +20,8 @@ def load_modules() -> None:
 
 
 def main() -> int:
+    # SIGTERM ends the run like Ctrl-C, so that every broker and daemon started is stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--only", default="", help="run benchmarks whose name starts with this")
     parser.add_argument("--out", default="bench-results.json")

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import signal
+
 import libvirt
 import pytest
 
 from harness.broker import private_broker
 from relay.libvirt.loop import ensure_event_loop
+
+
+def pytest_configure(config) -> None:
+    """SIGTERM ends the run like Ctrl-C: fixtures stop their brokers and daemons (they run in
+    sessions of their own, which a signal to the test runner's group does not reach)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
