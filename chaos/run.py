@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import logging
+import signal
 import sys
 import tempfile
 import threading
@@ -231,6 +232,7 @@ def _wait(predicate, timeout: float, what: str) -> None:
 
 
 def main() -> int:
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop what was started
     parser = argparse.ArgumentParser(prog="python -m chaos.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hosts", type=int, default=2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -227,6 +228,7 @@ def _answers(url: str, commands: str, reply_to: str) -> bool:
 
 
 def main() -> int:
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop what was started
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=10_000, help="messages per burst")
     parser.add_argument("--bursts", type=int, default=2, help="identical bursts (>= 2)")
