@@ -4,7 +4,15 @@ Draws ``--messages`` command messages from the strategies of ``harness.fuzz``
 (derandomized), sends them as fast as the broker takes them, twice (two identical bursts), and
 reports the agent's refusals per second and its peak RSS (``VmHWM``) after each burst; then
 checks that every message was counted once, each refusal dead-lettered once, a valid command is
-still answered and ``virt-relay journal verify`` is ok. Exits 1 when a check fails.
+still answered and ``virt-relay journal verify`` is ok. Exits 1 when a check fails,
+including when the last burst raised the agent's peak RSS by 5 MB or more.
+
+Measured on the 2-core development machine (shared): about 400-600 refusals/s; the agent's
+peak RSS went from 60 MB idle to 216-232 MB during the first 10,000-message burst, and the
+second identical burst added 53-104 MB: the 5 MB target is not met yet. tracemalloc shows the
+Python heap flat across bursts; proton receive/reject, proton sends and the journal's SQLite
+operations, each in isolation, do not grow: the growth is in native memory on the agent's
+combined path (open: see issue #12).
 """
 
 from __future__ import annotations
