@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,7 +21,12 @@ from relay.agent import Agent
 from relay.agent import config as config_module
 from relay.agent.config import AgentConfig
 from relay.broker.admin import RabbitAdmin
-from relay.broker.topology import Addresses, declare_console
+from relay.broker.topology import (
+    Addresses,
+    dead_letter_policy,
+    declare_console,
+    declare_dead_letters,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,3 +165,26 @@ def send_command(url: str, host: str, operation: str, target: str | None,
     finally:
         connection.close()
     return key
+
+
+def metric(agent, name: str, **labels) -> float:
+    """One sample of an in-process agent's metric ``virtrelay_<name>`` (0 when absent)."""
+    return agent.metrics.registry.get_sample_value(f"virtrelay_{name}", labels) or 0.0
+
+
+@contextlib.contextmanager
+def dead_lettered(broker, host: str) -> Iterator[str]:
+    """``host``'s command queue dead-letters what it rejects into a queue of its own (the
+    policy of docs/wire.md, for this host only); yields that queue's address."""
+    addresses, dead = Addresses(), f"dead-{host}"
+    with RabbitAdmin(broker.url) as admin:
+        declare_dead_letters(admin, addresses)
+        admin.declare([], [dead], [(dead, addresses.dead_letter_exchange,
+                                    f"virtrelay.commands.{host}")])
+    policy = dead_letter_policy(addresses, rf"^virtrelay\.commands\.{re.escape(host)}$")
+    policy[1] = dead
+    broker.ctl(*policy)
+    try:
+        yield f"/amq/queue/{dead}"
+    finally:
+        broker.ctl("clear_policy", dead)

@@ -6,13 +6,12 @@ import json
 import time
 
 import libvirt
-import pytest
 
 from harness import wait_until
 from harness.agent import (
     QueueReader,
     agent_config,
-    declare_consoles,
+    metric,
     replies_for,
     running_agent,
     send_command,
@@ -28,20 +27,6 @@ def wait_reply(reader: QueueReader, key: str, count: int = 1, timeout: float = 2
     reader.wait_for(lambda ms: len(replies_for(reader, key)) >= count, timeout=timeout,
                     what=f"{count} replies to {key}")
     return replies_for(reader, key)
-
-
-def metric(agent, name: str, **labels) -> float:
-    return agent.metrics.registry.get_sample_value(f"virtrelay_{name}", labels) or 0.0
-
-
-@pytest.fixture
-def console(broker):
-    name = unique("console")
-    declare_consoles(broker.url, name)
-    reader = QueueReader(broker.url, f"/amq/queue/virtrelay.replies.{name}")
-    reader.reply_to = f"/amq/queue/virtrelay.replies.{name}"
-    yield reader
-    reader.close()
 
 
 def test_a_command_runs_once_and_its_duplicate_gets_the_stored_reply(broker, tmp_path,

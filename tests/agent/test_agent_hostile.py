@@ -5,7 +5,6 @@ address; the agent keeps serving, its journal stays sound, nothing is left to fa
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import threading
@@ -17,9 +16,9 @@ from proton import Message
 from harness import wait_until
 from harness.agent import (
     ROOT,
-    QueueReader,
     agent_config,
-    declare_consoles,
+    dead_lettered,
+    metric,
     replies_for,
     running_agent,
     send_messages,
@@ -29,23 +28,8 @@ from harness.agent import (
 from journal import EXECUTING, RECEIVED
 from relay import wire
 from relay.broker.admin import RabbitAdmin
-from relay.broker.topology import Addresses, dead_letter_policy, declare_dead_letters
 
 SECRET = "hostile-shared-key"
-
-
-def metric(agent, name: str, **labels) -> float:
-    return agent.metrics.registry.get_sample_value(f"virtrelay_{name}", labels) or 0.0
-
-
-@pytest.fixture
-def console(broker):
-    name = unique("console")
-    declare_consoles(broker.url, name)
-    reader = QueueReader(broker.url, f"/amq/queue/virtrelay.replies.{name}")
-    reader.reply_to = f"/amq/queue/virtrelay.replies.{name}"
-    yield reader
-    reader.close()
 
 
 @pytest.fixture
@@ -55,21 +39,9 @@ def hostile_agent(broker, tmp_path, monkeypatch, libvirt_conn):
     monkeypatch.setenv("TEST_HOSTILE_HMAC", SECRET)
     config = agent_config(tmp_path, [broker.url], **{
         "commands.hmac_key_env": "TEST_HOSTILE_HMAC", "commands.require_signature": True})
-    addresses, host = Addresses(), config.host_id
-    dead = f"dead-{host}"
-    with RabbitAdmin(broker.url) as admin:
-        declare_dead_letters(admin, addresses)
-        admin.declare([], [dead], [(dead, addresses.dead_letter_exchange,
-                                    f"virtrelay.commands.{host}")])
-    policy = dead_letter_policy(addresses, rf"^virtrelay\.commands\.{re.escape(host)}$")
-    policy[1] = dead
-    broker.ctl(*policy)
-    try:
-        with running_agent(config) as agent:
-            wait_until(lambda: agent.link.connected, timeout=20, what="the broker link")
-            yield agent, f"/amq/queue/{dead}"
-    finally:
-        broker.ctl("clear_policy", dead)
+    with dead_lettered(broker, config.host_id) as dead, running_agent(config) as agent:
+        wait_until(lambda: agent.link.connected, timeout=20, what="the broker link")
+        yield agent, dead
 
 
 def command(key: str, reply_to: str, **fields) -> dict:

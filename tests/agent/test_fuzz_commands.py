@@ -4,8 +4,6 @@ keeps serving; ``make fuzz`` runs the long version."""
 
 from __future__ import annotations
 
-import re
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -14,6 +12,7 @@ from harness import wait_until
 from harness.agent import (
     QueueReader,
     agent_config,
+    dead_lettered,
     declare_consoles,
     replies_for,
     running_agent,
@@ -24,8 +23,7 @@ from harness.agent import (
 from harness.fuzz import ALLOWED, CommandQueueProbe, build, specs
 from journal import EXECUTING, RECEIVED
 from relay import wire
-from relay.broker.admin import RabbitAdmin
-from relay.broker.topology import Addresses, dead_letter_policy, declare_dead_letters
+from relay.broker.topology import Addresses
 from relay.libvirt.loop import ensure_event_loop
 
 SECRET = "fuzz-shared-key"
@@ -51,27 +49,18 @@ def target(broker_node, tmp_path_factory):
     mp.setenv("TEST_FUZZ_HMAC", SECRET)
     config = agent_config(tmp_path_factory.mktemp("fuzz"), [broker_node.url], **{
         "commands.hmac_key_env": "TEST_FUZZ_HMAC", "commands.allow": ALLOWED})
-    addresses, host = Addresses(), config.host_id
-    dead = f"dead-{host}"
-    with RabbitAdmin(broker_node.url) as admin:
-        declare_dead_letters(admin, addresses)
-        admin.declare([], [dead], [(dead, addresses.dead_letter_exchange,
-                                    f"virtrelay.commands.{host}")])
-    policy = dead_letter_policy(addresses, rf"^virtrelay\.commands\.{re.escape(host)}$")
-    policy[1] = dead
-    broker_node.ctl(*policy)
     try:
-        with running_agent(config) as agent:
+        with dead_lettered(broker_node, config.host_id) as dead, \
+                running_agent(config) as agent:
             wait_until(lambda: agent.link.connected, timeout=20, what="the broker link")
             probe = CommandQueueProbe(
-                broker_node.url, addresses.commands_for(host), f"/amq/queue/{dead}",
+                broker_node.url, Addresses().commands_for(config.host_id), dead,
                 counted=lambda: (total(agent, "commands_rejected")
                                  + total(agent, "commands_received")),
                 refused=lambda: total(agent, "commands_rejected"))
             yield agent, probe, reply_to
             probe.close()
     finally:
-        broker_node.ctl("clear_policy", dead)
         mp.undo()
 
 
