@@ -32,6 +32,7 @@ PASS, BLACKHOLE, RESET = "pass", "blackhole", "reset"
 TO_BROKER, TO_CLIENT = "to_broker", "to_client"
 INJECTED_ERROR = ("amqp:internal-error", "injected by fault proxy")
 _CHUNK = 65536
+_ANSWER_WAIT = 2.0  # seconds an injected `end` waits for the client's answer before the RST
 
 
 @dataclass
@@ -55,6 +56,7 @@ class _Connection:
         # Held while writing to a socket, so an injected frame never lands inside another one.
         self.send_locks = {TO_BROKER: threading.RLock(), TO_CLIENT: threading.RLock()}
         self.broker_channels: list[int] = []  # begun broker->client and not yet ended
+        self.answers = 0  # `end` and `close` frames the client sent
 
     def sink(self, direction: str) -> socket.socket:
         return self.upstream if direction == TO_BROKER else self.client
@@ -155,7 +157,8 @@ class FaultProxy:
     def end_session_then_reset(self, condition: str = INJECTED_ERROR[0],
                                description: str = INJECTED_ERROR[1]) -> int:
         """On every connection where the broker has a session, send the client an ``end`` with
-        this error on the latest one, then RST. Returns how many connections were hit."""
+        this error on the latest one, then RST once the client answered (or after 2 s).
+        Returns how many connections were hit."""
         with self._lock:
             connections = [c for c in self._connections if c.broker_channels]
         for connection in connections:
@@ -236,6 +239,8 @@ class FaultProxy:
             for unit in units:
                 if unit.kind != OPAQUE:
                     seen[(direction, unit.kind)] += 1
+                    if direction == TO_BROKER and unit.kind in ("end", "close"):
+                        connection.answers += 1
                     fault = self._due(connection, direction, unit.kind)
                 if fault is None or fault.forward:
                     out += unit.data
@@ -271,13 +276,18 @@ class FaultProxy:
 
     def _fire(self, connection: _Connection, error: tuple[str, str] | None) -> None:
         """RST both sides of ``connection``; first, with ``error``, end the broker's latest
-        session towards the client."""
+        session towards the client and wait (up to ``_ANSWER_WAIT``) for its answer, an `end`
+        or `close`: a RST that overtook the `end` would make the client drop it unread."""
         with self._lock:
             self.faults_fired += 1  # counted first: whoever sees the RST sees the count
         with connection.send_locks[TO_CLIENT]:
             if error and connection.broker_channels:
+                answers = connection.answers
                 with contextlib.suppress(OSError):
                     connection.client.sendall(end_frame(connection.broker_channels[-1], *error))
+                deadline = time.monotonic() + _ANSWER_WAIT
+                while connection.answers == answers and time.monotonic() < deadline:
+                    time.sleep(0.01)
             _abort(connection.client)
             _abort(connection.upstream)
         self._forget(connection)
