@@ -14,9 +14,8 @@ import libvirt
 
 from harness import wait_until
 from harness.memory_sink import MemorySink
-from relay.changes import Change, ObjectKey
+from relay.changes import DOMAIN, NETWORK, STORAGE_POOL, Change, ObjectKey
 from relay.libvirt.adapter import LibvirtAdapter
-from relay.libvirt.objects import DOMAIN, NETWORK, STORAGE_POOL
 
 DOMAIN_XML = """<domain type='test'>
   <name>{name}</name>

@@ -19,20 +19,22 @@ from typing import Any
 import libvirt
 
 from relay.backoff import Backoff
-from relay.changes import RECONCILED, Change, ChangeSink, ObjectKey, PublishedStates
+from relay.changes import (
+    DOMAIN,
+    NODE,
+    RECONCILED,
+    STORAGE_VOLUME,
+    Change,
+    ChangeSink,
+    ObjectKey,
+    PublishedStates,
+)
 from relay.errors import LibvirtError, LibvirtNotSupported, LibvirtPermanent, LibvirtTransient
 from relay.lanes import Lanes
 from relay.libvirt.errors import libvirt_calls
 from relay.libvirt.events import deregister, register_events
 from relay.libvirt.loop import ensure_event_loop
-from relay.libvirt.objects import (
-    DOMAIN,
-    NODE,
-    STORAGE_VOLUME,
-    active_pool_volumes,
-    key_of,
-    node_uuid,
-)
+from relay.libvirt.objects import active_pool_volumes, key_of, node_uuid
 from relay.libvirt.reconcile import ObjectSync, Publisher
 from relay.libvirt.stats import StatsReader
 from relay.supervision import Supervisor

@@ -19,19 +19,10 @@ from typing import Any
 
 import libvirt
 
-from relay.changes import ObjectKey
+from relay.changes import DOMAIN, NETWORK, NODE_DEVICE, STORAGE_POOL, ObjectKey
 from relay.errors import LibvirtError, LibvirtTransient
 from relay.libvirt.errors import libvirt_calls
-from relay.libvirt.objects import (
-    DOMAIN,
-    NETWORK,
-    NODE_DEVICE,
-    STORAGE_POOL,
-    enum_name,
-    key_of,
-    libvirt_enum,
-    not_starting_with,
-)
+from relay.libvirt.objects import enum_name, key_of, libvirt_enum, not_starting_with
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import libvirt
 
-from relay.changes import (  # noqa: F401 (the class names, re-exported for the wing)
+from relay.changes import (
     DOMAIN,
     NETWORK,
     NODE,

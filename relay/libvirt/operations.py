@@ -16,16 +16,10 @@ from typing import Any
 
 import libvirt
 
+from relay.changes import DOMAIN, NETWORK, NODE, STORAGE_POOL, STORAGE_VOLUME
 from relay.errors import InvalidCommand, LibvirtError
 from relay.libvirt.errors import is_missing, libvirt_calls
-from relay.libvirt.objects import (
-    DOMAIN,
-    NETWORK,
-    NODE,
-    OBJECT_CLASSES,
-    STORAGE_POOL,
-    STORAGE_VOLUME,
-)
+from relay.libvirt.objects import OBJECT_CLASSES
 
 Effect = Callable[[libvirt.virConnect, Any, dict[str, Any]], bool | None]
 

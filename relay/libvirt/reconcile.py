@@ -15,19 +15,21 @@ from typing import Any
 
 import libvirt
 
-from relay.changes import LIVE, RECONCILED, STATS, Change, ChangeSink, ObjectKey, PublishedStates
+from relay.changes import (
+    LIVE,
+    RECONCILED,
+    STATS,
+    STORAGE_POOL,
+    STORAGE_VOLUME,
+    Change,
+    ChangeSink,
+    ObjectKey,
+    PublishedStates,
+)
 from relay.errors import LibvirtError, LibvirtPermanent, LibvirtTransient
 from relay.lanes import Lanes
 from relay.libvirt.errors import is_missing, libvirt_calls
-from relay.libvirt.objects import (
-    OBJECT_CLASSES,
-    STORAGE_POOL,
-    STORAGE_VOLUME,
-    active_pool_volumes,
-    key_of,
-    list_keys,
-    read_state,
-)
+from relay.libvirt.objects import OBJECT_CLASSES, active_pool_volumes, key_of, list_keys, read_state
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from harness.agent import (
 )
 from harness.libvirt_side import Scratch
 from relay.broker.topology import Addresses
-from relay.libvirt.objects import DOMAIN
+from relay.changes import DOMAIN
 
 
 def console_reader(broker, console: str) -> QueueReader:

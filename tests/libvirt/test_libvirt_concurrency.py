@@ -10,9 +10,8 @@ import pytest
 from harness import wait_until
 from harness.libvirt_side import Scratch, next_change, running_adapter
 from harness.memory_sink import MemorySink
-from relay.changes import LIVE, RECONCILED
+from relay.changes import DOMAIN, LIVE, RECONCILED
 from relay.lanes import Lanes
-from relay.libvirt.objects import DOMAIN
 
 
 @pytest.fixture

@@ -8,9 +8,16 @@ import pytest
 from harness import wait_until
 from harness.libvirt_side import DOMAIN_XML, Scratch, next_change, running_adapter
 from harness.memory_sink import MemorySink
-from relay.changes import LIVE, RECONCILED
+from relay.changes import (
+    DOMAIN,
+    LIVE,
+    NETWORK,
+    NODE_DEVICE,
+    RECONCILED,
+    STORAGE_POOL,
+    STORAGE_VOLUME,
+)
 from relay.libvirt.events import SOURCES, deregister, register_events
-from relay.libvirt.objects import DOMAIN, NETWORK, NODE_DEVICE, STORAGE_POOL, STORAGE_VOLUME
 
 
 @pytest.fixture

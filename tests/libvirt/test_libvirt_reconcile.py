@@ -11,8 +11,8 @@ import pytest
 from harness import wait_until
 from harness.libvirt_side import Scratch, next_change, running_adapter
 from harness.memory_sink import MemorySink
-from relay.changes import LIVE, RECONCILED
-from relay.libvirt.objects import DOMAIN, NETWORK, OBJECT_CLASSES, list_keys, read_state
+from relay.changes import DOMAIN, LIVE, NETWORK, RECONCILED
+from relay.libvirt.objects import OBJECT_CLASSES, list_keys, read_state
 
 
 @pytest.fixture

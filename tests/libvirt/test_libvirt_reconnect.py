@@ -17,8 +17,7 @@ from chaos.libvirtd import private_libvirtd
 from harness import wait_until
 from harness.libvirt_side import DOMAIN_XML, Scratch, next_change, running_adapter
 from harness.memory_sink import MemorySink
-from relay.changes import LIVE, RECONCILED
-from relay.libvirt.objects import DOMAIN
+from relay.changes import DOMAIN, LIVE, RECONCILED
 
 
 @pytest.fixture

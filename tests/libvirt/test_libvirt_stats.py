@@ -9,8 +9,7 @@ import pytest
 from harness import wait_until
 from harness.libvirt_side import Scratch, running_adapter
 from harness.memory_sink import MemorySink
-from relay.changes import LIVE, STATS
-from relay.libvirt.objects import DOMAIN, NODE, STORAGE_VOLUME
+from relay.changes import DOMAIN, LIVE, NODE, STATS, STORAGE_VOLUME
 
 
 @pytest.fixture
