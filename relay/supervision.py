@@ -87,6 +87,16 @@ class Supervisor:
                    alive=lambda: thread.is_alive() or not thread.ident or stopping())
         return thread
 
+    def watch_journal(self, journal) -> None:
+        """Watch a journal's flusher thread (``exit``: nothing can be written without it) and
+        the code it runs once a commit is durable (``journal-callbacks``: counted, the flusher
+        goes on)."""
+        self.watch("journal-flusher", EXIT, alive=lambda: journal.flusher_alive,
+                   stuck_for=journal.commit_running_for)
+        self.watch("journal-callbacks")
+        journal.failure_observers.append(lambda error, fatal: self.failed(
+            "journal-flusher" if fatal else "journal-callbacks", error))
+
     def beat(self, name: str) -> None:
         """``name`` made progress now."""
         self._beats[name] = time.monotonic()

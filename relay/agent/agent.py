@@ -24,7 +24,7 @@ from relay.errors import LibvirtTransient
 from relay.libvirt import loop as libvirt_loop
 from relay.libvirt.adapter import LibvirtAdapter
 from relay.status import StatusServer
-from relay.supervision import EXIT, Supervisor
+from relay.supervision import Supervisor
 
 log = logging.getLogger(__name__)
 _REFRESH_TIMEOUT = 120.0  # seconds a node.refresh waits for its reconcile pass
@@ -93,10 +93,7 @@ class Agent:
         if self.journal.open_report.quarantined_to is not None:
             self.metrics.quarantines.inc()
         self.journal.batch_observers.append(self._observe_commit)
-        self.journal.failure_observers.append(self._journal_failed)
-        self.supervisor.watch("journal-flusher", EXIT, alive=lambda: self.journal.flusher_alive,
-                              stuck_for=self.journal.commit_running_for)
-        self.supervisor.watch("journal-callbacks")
+        self.supervisor.watch_journal(self.journal)
         self.supervisor.watch("libvirt-event-loop", stuck_for=libvirt_loop.progress_age,
                               failures=libvirt_loop.failure_count)
         self.addresses = Addresses(events_exchange=config.topology.events_exchange,
@@ -221,8 +218,6 @@ class Agent:
         return "down"
 
     # -- glue ---------------------------------------------------------------------------------
-    def _journal_failed(self, error: BaseException, fatal: bool) -> None:
-        self.supervisor.failed("journal-flusher" if fatal else "journal-callbacks", error)
     def _wake_link(self) -> None:
         self.link.wake()
 

@@ -59,7 +59,7 @@ from relay.console.metrics import PREFIX as METRICS_PREFIX
 from relay.console.metrics import ConsoleMetrics
 from relay.errors import ConsoleBusy, ConsoleError, RelayError
 from relay.status import StatusServer
-from relay.supervision import EXIT, Supervisor
+from relay.supervision import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +168,7 @@ class Console:
         self.metrics.watch(self._figures)
         self.supervisor = Supervisor(stall_after=stall_after, prefix=METRICS_PREFIX)
         self.metrics.registry.register(self.supervisor.collector())
-        self.journal.failure_observers.append(self._journal_failed)
-        self.supervisor.watch("journal-flusher", EXIT, alive=lambda: self.journal.flusher_alive,
-                              stuck_for=self.journal.commit_running_for)
-        self.supervisor.watch("journal-callbacks")
+        self.supervisor.watch_journal(self.journal)
         self.commander = Commander(console_id, self.addresses, self.settings, self.metrics,
                                    secret)
         self.link = ConsoleLink(self.settings, [
@@ -264,8 +261,6 @@ class Console:
                              if self.connected and not self._paused else "degraded")
         return not self._stopped.is_set() and not problems, details
 
-    def _journal_failed(self, error: BaseException, fatal: bool) -> None:
-        self.supervisor.failed("journal-flusher" if fatal else "journal-callbacks", error)
 
     def wait_idle(self, quiet: float = 0.5, timeout: float = 10.0,
                   resyncs: bool = True) -> bool:
